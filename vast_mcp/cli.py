@@ -1,0 +1,50 @@
+"""The `vast-mcp` command line: one sub-command per entry point of the product."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import VastMCPError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sim", help="run the simulated Vast cloud in the foreground (no account needed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    p.add_argument("--api-key", default=None, help="API key the simulated account accepts (default: random)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .sim.server import main as sim_main
+
+        return sim_main(host=args.host, port=args.port, api_key=args.api_key)
+
+    p.set_defaults(handler=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vast-mcp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vast-mcp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_sim(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except VastMCPError as exc:
+        print(f"vast-mcp: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,111 @@
+"""Settings, read once at start-up from the environment and the `vastai` CLI's key files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_VAST_URL = "https://console.vast.ai"
+
+
+class Secret:
+    """A string that never shows itself in a repr, a str() or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def _home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else _home() / fallback
+
+
+def api_key_sources() -> list[tuple[str, Path | None]]:
+    """Where the key is looked for, in the `vastai` CLI's order: env, XDG config file, legacy file."""
+    return [
+        ("$VAST_API_KEY", None),
+        (str(_xdg("XDG_CONFIG_HOME", ".config") / "vastai" / "vast_api_key"), _xdg("XDG_CONFIG_HOME", ".config")
+         / "vastai" / "vast_api_key"),
+        ("~/.vast_api_key", _home() / ".vast_api_key"),
+    ]
+
+
+def find_api_key() -> tuple[Secret, str] | None:
+    """The API key and where it came from, or None when the user has not set one up."""
+    env = os.environ.get("VAST_API_KEY", "").strip()
+    if env:
+        return Secret(env), "$VAST_API_KEY"
+    for label, path in api_key_sources()[1:]:
+        assert path is not None
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        if text:
+            return Secret(text), label
+    return None
+
+
+def require_api_key() -> Secret:
+    found = find_api_key()
+    if found is None:
+        places = ", ".join(label for label, _ in api_key_sources())
+        raise ConfigError(
+            f"No Vast.ai API key found (looked in {places}). Create one at https://cloud.vast.ai/manage-keys/ "
+            "and set VAST_API_KEY, or run `vastai set api-key KEY`. To try the product without an account, "
+            "start the simulated cloud with `vast-mcp sim` and use the URL and key it prints."
+        )
+    return found[0]
+
+
+def vast_url() -> str:
+    """Base URL of the API; `VAST_URL` overrides it exactly as it does for the `vastai` CLI."""
+    return (os.environ.get("VAST_URL") or DEFAULT_VAST_URL).rstrip("/")
+
+
+def default_state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local/state") / "vast-mcp"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know about its environment."""
+
+    api_key: Secret = field(repr=True)
+    vast_url: str = DEFAULT_VAST_URL
+    state_dir: Path = field(default_factory=default_state_dir)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        state = os.environ.get("VAST_MCP_STATE_DIR")
+        return cls(
+            api_key=require_api_key(),
+            vast_url=vast_url(),
+            state_dir=Path(state).expanduser() if state else default_state_dir(),
+        )

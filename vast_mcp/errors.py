@@ -1,0 +1,72 @@
+"""The one error hierarchy of vast-mcp.
+
+Every message says what happened and what to do next, because these messages reach the agent (as MCP
+`ToolError`s) and the user (on the command line) verbatim. No message ever carries the API key.
+"""
+
+from __future__ import annotations
+
+
+class VastMCPError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(VastMCPError):
+    """The settings are missing or wrong (no API key, bad number in an environment variable...)."""
+
+
+class QueryError(VastMCPError, ValueError):
+    """An offer query string could not be parsed; `position` points at the offending token."""
+
+    def __init__(self, message: str, *, query: str = "", position: int = -1) -> None:
+        super().__init__(message)
+        self.query = query
+        self.position = position
+
+
+# --- Vast REST API -------------------------------------------------------------------------------------------
+
+
+class VastAPIError(VastMCPError):
+    """The Vast API answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class AuthError(VastAPIError):
+    """The API key was refused (Vast answers 401, or 404 with `auth_error`)."""
+
+
+class NotFoundError(VastAPIError):
+    """The instance, key or template does not exist (or no longer exists)."""
+
+
+class OfferUnavailableError(VastAPIError):
+    """The offer was taken or withdrawn between search and create."""
+
+
+class RateLimitedError(VastAPIError):
+    """Vast asked us to slow down; `retry_after` is how many seconds to wait before trying again."""
+
+    def __init__(self, message: str, *, retry_after: float, status: int | None = 429, code: str | None = None):
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
+
+
+class SearchQuotaExceededError(RateLimitedError):
+    """The daily offer-search quota is used up; `retry_after` counts down to its reset."""
+
+
+class ServerError(VastAPIError):
+    """Vast answered 5xx (or kept answering 5xx through every retry)."""
+
+
+class TransportError(VastAPIError):
+    """The API could not be reached at all (DNS, refused connection, TLS, timeout)."""
+
+
+class InvalidRequestError(VastAPIError):
+    """Vast refused the request as malformed (400/403/422); the message carries Vast's reason."""
