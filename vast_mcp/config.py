@@ -48,12 +48,8 @@ def _xdg(var: str, fallback: str) -> Path:
 
 def api_key_sources() -> list[tuple[str, Path | None]]:
     """Where the key is looked for, in the `vastai` CLI's order: env, XDG config file, legacy file."""
-    return [
-        ("$VAST_API_KEY", None),
-        (str(_xdg("XDG_CONFIG_HOME", ".config") / "vastai" / "vast_api_key"), _xdg("XDG_CONFIG_HOME", ".config")
-         / "vastai" / "vast_api_key"),
-        ("~/.vast_api_key", _home() / ".vast_api_key"),
-    ]
+    xdg_file = _xdg("XDG_CONFIG_HOME", ".config") / "vastai" / "vast_api_key"
+    return [("$VAST_API_KEY", None), (str(xdg_file), xdg_file), ("~/.vast_api_key", _home() / ".vast_api_key")]
 
 
 def find_api_key() -> tuple[Secret, str] | None:
