@@ -70,3 +70,44 @@ class TransportError(VastAPIError):
 
 class InvalidRequestError(VastAPIError):
     """Vast refused the request as malformed (400/403/422); the message carries Vast's reason."""
+
+
+# --- Consent to cost and the session ledger ------------------------------------------------------------------
+
+
+class ConsentError(VastMCPError):
+    """A rent was refused by the consent rules; the message says what to change or what to ask the user."""
+
+
+class CapExceededError(ConsentError):
+    """A server-side cap (an environment variable) forbids this rent; `cap` names the variable."""
+
+    def __init__(self, message: str, *, cap: str, limit: float, value: float) -> None:
+        super().__init__(message)
+        self.cap = cap
+        self.limit = limit
+        self.value = value
+
+
+class QuoteError(ConsentError):
+    """A quote id could not be redeemed."""
+
+
+class QuoteNotFoundError(QuoteError):
+    """The quote id was never issued by this server (or is long forgotten)."""
+
+
+class QuoteExpiredError(QuoteError):
+    """The quote is past its expiry time; prices move, so the user must approve a fresh one."""
+
+
+class QuoteUsedError(QuoteError):
+    """The quote already paid for one instance; one approval buys one instance."""
+
+
+class QuoteMismatchError(QuoteError):
+    """The quote covers a different offer or different create parameters than the ones requested."""
+
+
+class LedgerError(VastMCPError):
+    """The state database cannot be used as asked (newer schema, unknown row, forbidden state change)."""
