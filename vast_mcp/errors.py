@@ -111,3 +111,47 @@ class QuoteMismatchError(QuoteError):
 
 class LedgerError(VastMCPError):
     """The state database cannot be used as asked (newer schema, unknown row, forbidden state change)."""
+
+
+# --- Remote hosts over SSH -----------------------------------------------------------------------------------
+
+
+class RemoteError(VastMCPError):
+    """Something went wrong talking to an instance over SSH."""
+
+
+class SSHUnavailableError(RemoteError):
+    """The instance could not be reached or logged into over SSH (yet); `stage` names the step that failed."""
+
+    def __init__(self, message: str, *, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class HostKeyChangedError(RemoteError):
+    """The instance presented a host key different from the one pinned on first contact; nothing was sent."""
+
+    def __init__(self, message: str, *, pinned: str = "", presented: str = "") -> None:
+        super().__init__(message)
+        self.pinned = pinned
+        self.presented = presented
+
+
+class RemoteCommandError(RemoteError):
+    """A command on the instance failed in a way the caller has to hear about (not a mere non-zero exit)."""
+
+
+class JobNotFoundError(RemoteError):
+    """No background job with that id exists on the instance."""
+
+
+class TransferError(RemoteError):
+    """An upload or download failed or arrived incomplete."""
+
+
+class UnsafeArchiveError(TransferError):
+    """A downloaded archive tried to write outside its destination or past the size cap; `refused` lists why."""
+
+    def __init__(self, message: str, *, refused: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused or []
