@@ -712,11 +712,6 @@ class Ledger:
                 current = _instance_or_raise(conn, row_id)
                 if current.state is InstanceState.DESTROYED and target in _AFTER_ACTIVE:
                     return current  # another process (the reaper, a second server) got there first; it is final
-                if current.state not in allowed:
-                    raise LedgerError(
-                        f"Instance row {row_id} ({current.label}) is {current.state.value}; it cannot become "
-                        f"{target.value if target else 'changed'}."
-                    )
                 if require_id and current.instance_id is None:
                     raise LedgerError(
                         f"Instance row {row_id} ({current.label}) has no instance id yet; find it on the account by "
@@ -726,6 +721,11 @@ class Ledger:
                     raise LedgerError(
                         f"Instance row {row_id} ({current.label}) already has instance id {current.instance_id}; "
                         "an instance that exists must be destroyed, not marked as never created."
+                    )
+                if current.state not in allowed:
+                    raise LedgerError(
+                        f"Instance row {row_id} ({current.label}) is {current.state.value}; it cannot become "
+                        f"{target.value if target else 'changed'}."
                     )
                 columns = dict(sets, updated_at=now)
                 if target is not None:
