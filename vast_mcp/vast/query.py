@@ -342,7 +342,7 @@ def _scaled(text: str, clause: _Clause, field: str, value: str | list[str], mult
     unit = "days" if field == "duration" else "GB"
     if isinstance(value, list):
         raise QueryError(
-            f"{field} at position {clause.value_at} takes one number in {unit}, not a list: "
+            f"{field} takes one number in {unit}, not the list {clause.value!r} at position {clause.value_at}: "
             f"use >= and <= for a range (e.g. {field}>=24 {field}<=48)",
             query=text,
             position=clause.value_at,
