@@ -777,11 +777,20 @@ class Ledger:
 
         Rows without an instance id are included; find those on the account by label.
         """
-        dead = [s.id for s in await self.dead_sessions(scope, lease_s=lease_s)]
-        if not dead:
-            return []
-        marks = ",".join("?" * len(dead))
-        return await self._select(f"session_id IN ({marks}) AND state IN ({_LIVE_SQL}) AND keep = 0", tuple(dead))
+        now = self.clock()
+
+        def run(conn: sqlite3.Connection) -> list[LedgerInstance]:
+            # Only sessions that still have something to destroy are inspected: ended sessions pile up over months.
+            candidates = conn.execute(
+                "SELECT * FROM sessions WHERE scope = ? AND id IN (SELECT session_id FROM instances"
+                f" WHERE state IN ({_LIVE_SQL}) AND keep = 0)",
+                (scope,),
+            ).fetchall()
+            dead = {s.id for s in map(_session, candidates) if not session_is_alive(s, now=now, lease_s=lease_s)}
+            rows = conn.execute(f"SELECT * FROM instances WHERE state IN ({_LIVE_SQL}) AND keep = 0 ORDER BY id")
+            return [r for r in map(_instance, rows) if r.session_id in dead]
+
+        return await self._call(run)
 
     async def all_instances(self, *, include_done: bool = True) -> list[LedgerInstance]:
         """Everything tracked, across sessions (for `vast-mcp ledger`)."""
