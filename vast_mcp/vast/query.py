@@ -155,7 +155,8 @@ def build_offer_query(
     """The JSON body `vastai search offers` sends to `POST /api/v0/bundles/`, in the CLI's key order.
 
     Structured `filters` are applied after the query string, op by op: on the same field and op the structured
-    value wins; different ops on one field add up (`gpu_ram>=24` and a `max` bound make a range).
+    value wins; different ops on one field add up (`gpu_ram<=80` in the query and `min_gpu_ram_gb=24` make a
+    range). `filters.verified` applies only when the caller set it, so it never undoes a `verified=any`.
     """
     kind = OFFER_TYPES.get(offer_type.strip().lower())
     if kind is None:
@@ -237,10 +238,10 @@ def _read_operator(s: str, at: int) -> tuple[str, int, int]:
         end += 1
     if end > op_at:
         return s[op_at:end], op_at, end
-    if op_at > at:
-        for word in _WORD_OPERATORS:
-            if s.startswith(word + " ", op_at):
-                return word, op_at, op_at + len(word) + 1
+    # A word operator always follows spaces here: letters right after the field were read as part of it.
+    for word in _WORD_OPERATORS:
+        if s.startswith(word + " ", op_at):
+            return word, op_at, op_at + len(word) + 1
     return "", op_at, at
 
 
