@@ -414,7 +414,7 @@ def _clauses(draw: st.DrawFn) -> str:
         op = draw(st.sampled_from(["", " "])) + op + draw(st.sampled_from(["", " "]))
     else:
         op = " " + draw(st.sampled_from(_WORD_OPS)) + " "
-    value = draw(_LISTS if op.strip() in ("in", "notin", "not in", "nin") else st.one_of(_SCALARS, _LISTS))
+    value: str = draw(_LISTS if op.strip() in ("in", "notin", "not in", "nin") else st.one_of(_SCALARS, _LISTS))
     return field + op + value
 
 
