@@ -408,7 +408,7 @@ _LISTS = st.lists(st.one_of(_NUMBERS, _WORDS, st.just('"a b"')), min_size=1, max
 
 @st.composite
 def _clauses(draw: st.DrawFn) -> str:
-    field = draw(st.sampled_from(_FIELDS))
+    field: str = draw(st.sampled_from(_FIELDS))
     if draw(st.booleans()):
         op = draw(st.sampled_from(_SYMBOL_OPS))
         op = draw(st.sampled_from(["", " "])) + op + draw(st.sampled_from(["", " "]))
