@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -125,23 +126,23 @@ class SSHServer:
         return [int(p) for p in out.split()]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
+@pytest.fixture(name="anyio_backend")
+def anyio_backend_fixture() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def client_key(tmp_path: Path) -> ClientKey:
+@pytest.fixture(name="client_key")
+async def client_key_fixture(tmp_path: Path) -> ClientKey:
     return await load_client_key(tmp_path / "state")
 
 
-@pytest.fixture
-def host_keys(tmp_path: Path) -> HostKeyStore:
+@pytest.fixture(name="host_keys")
+def host_keys_fixture(tmp_path: Path) -> HostKeyStore:
     return HostKeyStore.in_state_dir(tmp_path / "state")
 
 
-@pytest.fixture
-def ssh_server(tmp_path: Path, client_key: ClientKey) -> Iterator[SSHServer]:
+@pytest.fixture(name="ssh_server")
+def ssh_server_fixture(tmp_path: Path, client_key: ClientKey) -> Iterator[SSHServer]:
     server = SSHServer(
         root=tmp_path / "instance", port=free_port(), host_id="101", authorized_keys=[client_key.public_line]
     )
@@ -166,14 +167,14 @@ def _kill_leftovers(home: Path) -> None:
         except OSError:
             continue
         if cwd.startswith(str(home)) or f"HOME={home}".encode() in env.split(b"\0"):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
-@pytest.fixture
-async def remote(ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore) -> AsyncIterator[RemoteHost]:
+@pytest.fixture(name="remote")
+async def remote_fixture(
+    ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore
+) -> AsyncIterator[RemoteHost]:
     hosts = RemoteHosts(client_key, host_keys)
     host = hosts.get(ssh_server.target)
     await host.wait_ready(budget=20)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import anyio
 import pytest
-from remote_conftest import (  # noqa: F401
+from remote_conftest import (  # noqa: F401  (fixtures are found by name)
     SSHServer,
-    anyio_backend,
-    client_key,
-    host_keys,
+    anyio_backend_fixture,
+    client_key_fixture,
+    host_keys_fixture,
     needs_sshd,
-    remote,
-    ssh_server,
+    remote_fixture,
+    ssh_server_fixture,
 )
 
 from vast_mcp.errors import ConfigError, HostKeyChangedError, SSHUnavailableError
