@@ -1,0 +1,341 @@
+"""Instances as in-process SSH servers (asyncssh), for machines where the sshd backend cannot run.
+
+No root, no namespaces: an instance is an SSH server on the service loop with its own host key, whose
+commands run as `bash -c` subprocesses with HOME and the working directory set to the instance's `root/`
+folder and the container environment. `/root` and `/workspace` in a command still mean the machine's own,
+so jobs should use `~` or relative paths here; the sshd backend has no such limit.
+
+Every process of the instance carries a marker in its environment (inherited by anything it starts), which
+is how `alive_pids()` finds background jobs that left their session, and how `stop()` ends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import asyncssh
+from anyio.abc import TaskStatus
+
+from .hosts import HostSpec, InstanceDisk, RefusalWindow, SimHostError, host_pids
+from .relay import SERVICE_LOOP, BackgroundService, Relay
+
+MARKER = "VAST_MCP_SIM_HOST"
+_KILL_TIMEOUT = 10.0
+_CHUNK = 1 << 18
+_LINUX = sys.platform.startswith("linux")
+
+
+class AsyncsshBackend:
+    """Each instance an asyncssh server in this process, with a per-instance home directory."""
+
+    name = "asyncssh"
+
+    def create(self, spec: HostSpec) -> AsyncsshHost:
+        return AsyncsshHost(spec)
+
+
+class AsyncsshHost:
+    """One instance: an SSH server, the processes it started, and a disk folder."""
+
+    def __init__(self, spec: HostSpec) -> None:
+        self.spec = spec
+        self.disk = InstanceDisk(spec.disk_dir)
+        self._state: Literal["new", "running", "stuck", "stopped", "destroyed"] = "new"
+        self._lock: anyio.Lock | None = None
+        self._server: _InstanceServer | None = None
+        self._relay: Relay | None = None
+
+    @property
+    def ssh_port(self) -> int | None:
+        if self._state != "running" or self._relay is None or self._server is None or self._server.finished.is_set():
+            return None
+        return self._relay.port
+
+    async def start(self) -> None:
+        async with self._get_lock():
+            if self._state == "destroyed":
+                raise SimHostError(f"instance {self.spec.instance_id} was destroyed; create a new one")
+            up = self._server is not None and not self._server.finished.is_set()
+            if self._state == "stuck" or (self._state == "running" and up):
+                return
+            await self._halt()
+            if self.spec.faults is not None and self.spec.faults.never_boots:
+                self._state = "stuck"
+                return
+            await anyio.to_thread.run_sync(self._prepare)
+            server = _InstanceServer(self.spec, self.disk)
+            try:
+                port = await server.open()
+                self._server = server
+                window = RefusalWindow(self.spec)
+                self._relay = Relay(("127.0.0.1", port), refusing=window.refusing, rate=self.spec.slow_bps)
+                await self._relay.open()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    self._server = server
+                    await self._halt()
+                raise
+            self._state = "running"
+
+    async def stop(self) -> None:
+        async with self._get_lock():
+            await self._halt()
+            if self._state != "destroyed":
+                self._state = "stopped"
+
+    async def destroy(self) -> None:
+        async with self._get_lock():
+            await self._halt()
+            self._state = "destroyed"
+            await anyio.to_thread.run_sync(self.disk.delete)
+
+    async def add_authorized_key(self, key: str) -> None:
+        if key.strip() not in (k.strip() for k in self.spec.authorized_keys):
+            self.spec.authorized_keys.append(key)
+        await anyio.to_thread.run_sync(self.disk.add_authorized_key, key)
+
+    async def rotate_host_key(self) -> None:
+        async with self._get_lock():
+            await anyio.to_thread.run_sync(lambda: self.disk.ensure_host_key(replace=True))
+            if self._server is not None and not self._server.finished.is_set():
+                portal = await SERVICE_LOOP.portal()
+                await portal.call_async(self._server.reload_host_key)
+
+    def alive_pids(self) -> list[int]:
+        return [] if self._server is None else self._server.alive_pids()
+
+    def _get_lock(self) -> anyio.Lock:
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
+
+    def _prepare(self) -> None:
+        self.disk.prepare(self.spec)
+        self.disk.ensure_host_key()
+
+    async def _halt(self) -> None:
+        if self._relay is not None:
+            relay, self._relay = self._relay, None
+            await relay.close()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close()
+            left = server.alive_pids()
+            if left:
+                raise SimHostError(f"instance {self.spec.instance_id}: processes {left} survived SIGKILL")
+
+
+class _InstanceServer(BackgroundService):
+    """The instance while it runs: SSH server, a stand-in for the container's PID 1, onstart and sessions.
+
+    The stand-in (a long `sleep`, or one of `exit_after` seconds) gives the instance a process while it is up,
+    as a container has, and its end is the end of the instance: everything else is killed then.
+    """
+
+    def __init__(self, spec: HostSpec, disk: InstanceDisk) -> None:
+        super().__init__()
+        self.spec = spec
+        self.disk = disk
+        self.marker = f"{spec.instance_id}-{secrets.token_hex(8)}"
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._connections: set[asyncssh.SSHServerConnection] = set()
+        self._groups: set[int] = set()  # process groups of everything started, for machines without /proc
+
+    def env(self) -> dict[str, str]:
+        home = str(self.disk.root)
+        base = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": home,
+            "USER": getpass.getuser(),
+            "LOGNAME": getpass.getuser(),
+            "SHELL": "/bin/bash",
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+        }
+        return {**base, **self.spec.env, MARKER: self.marker}
+
+    async def serve(self, task_status: TaskStatus[Any]) -> None:
+        key = asyncssh.read_private_key(self.disk.host_key)
+        self._acceptor = await asyncssh.listen(
+            "127.0.0.1",
+            0,
+            server_factory=lambda: _SSHServer(self),
+            server_host_keys=[key],
+            process_factory=self._session,
+            encoding=None,
+            allow_scp=False,
+            x11_forwarding=False,
+            agent_forwarding=False,
+        )
+        try:
+            faults = self.spec.faults
+            lifetime = "2147483647" if faults is None or faults.exit_after is None else f"{faults.exit_after:g}"
+            init = await self._spawn(["sleep", lifetime], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            if self.spec.onstart:
+                log = await anyio.to_thread.run_sync(self._open_log)
+                try:
+                    await self._spawn(["bash", "onstart.sh"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                finally:
+                    os.close(log)
+            task_status.started(self._acceptor.get_port())
+            await init.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def reload_host_key(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.update(server_host_keys=[asyncssh.read_private_key(self.disk.host_key)])
+
+    async def _shutdown(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+        for conn in list(self._connections):
+            conn.abort()
+        with anyio.move_on_after(_KILL_TIMEOUT):
+            while self.alive_pids():
+                self._kill_all()
+                await anyio.sleep(0.02)
+
+    def _open_log(self) -> int:
+        path = self.spec.log_path
+        if path is None:
+            return os.open(os.devnull, os.O_WRONLY)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    async def _spawn(self, argv: list[str], **kwargs: Any) -> anyio.abc.Process:
+        # A session of its own, so the group can be signalled where /proc cannot list the instance's processes.
+        proc = await anyio.open_process(argv, cwd=self.disk.root, env=self.env(), start_new_session=True, **kwargs)
+        self._groups.add(proc.pid)
+        return proc
+
+    async def _session(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        command = process.command
+        argv = ["bash", "-c", command] if command else ["bash"]
+        try:
+            proc = await self._spawn(argv)
+        except OSError as exc:
+            process.stderr.write(f"cannot run bash: {exc}\n".encode())
+            process.exit(127)
+            return
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_feed, process.stdin, proc.stdin)
+            async with anyio.create_task_group() as outputs:
+                outputs.start_soon(_drain, proc.stdout, process.stdout)
+                outputs.start_soon(_drain, proc.stderr, process.stderr)
+            status = await proc.wait()
+            tg.cancel_scope.cancel()
+        process.exit(status if status >= 0 else 128 - status)
+
+    def alive_pids(self) -> list[int]:
+        if not _LINUX:
+            return sorted(g for g in self._groups if _group_alive(g))
+        needle = f"{MARKER}={self.marker}".encode()
+        found = []
+        for pid in host_pids():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if needle not in fh.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{pid}/stat", "rb") as fh:
+                    if fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                        continue
+            except (OSError, IndexError):
+                continue
+            found.append(pid)
+        return found
+
+    def _kill_all(self) -> None:
+        for group in self._groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, signal.SIGKILL)
+        for pid in self.alive_pids() if _LINUX else []:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _feed(source: asyncssh.SSHReader[bytes], sink: anyio.abc.ByteSendStream) -> None:
+    """SSH stdin into the command, then EOF, as sshd does (tar reading a stream needs the EOF)."""
+    try:
+        while chunk := await source.read(_CHUNK):
+            await sink.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, asyncssh.Error):
+        pass
+    finally:
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError, anyio.BrokenResourceError):
+            await sink.aclose()
+
+
+async def _drain(source: anyio.abc.ByteReceiveStream, sink: asyncssh.SSHWriter[bytes]) -> None:
+    """The command's output into the SSH channel, until the command and everything holding its pipe close it."""
+    try:
+        while True:
+            try:
+                chunk = await source.receive(_CHUNK)
+            except anyio.EndOfStream:
+                return
+            sink.write(chunk)
+            await sink.drain()
+    except (OSError, asyncssh.Error):
+        # The client went away; keep reading so the command never blocks on a full pipe.
+        with contextlib.suppress(anyio.EndOfStream, OSError):
+            while await source.receive(_CHUNK):
+                pass
+
+
+class _SSHServer(asyncssh.SSHServer):
+    """Public-key login as root, checked against the instance's authorized_keys at each attempt."""
+
+    def __init__(self, owner: _InstanceServer) -> None:
+        self._owner = owner
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._owner._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._owner._connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if username != "root":
+            return False
+        lines = await anyio.to_thread.run_sync(self._owner.disk.authorized)
+        for line in lines:
+            try:
+                allowed = asyncssh.import_public_key(line)
+            except (asyncssh.KeyImportError, ValueError):
+                continue
+            if allowed.public_data == key.public_data:
+                return True
+        return False
