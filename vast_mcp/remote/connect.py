@@ -105,6 +105,16 @@ class ExecResult:
         return notes
 
 
+@dataclass(frozen=True)
+class RawResult:
+    exit_code: int | None
+    signal: str | None
+    stdout: CappedBuffer
+    stderr: CappedBuffer
+    timed_out: bool
+    duration_s: float
+
+
 @dataclass
 class _Verdict:
     presented: asyncssh.SSHKey | None = None
@@ -266,6 +276,28 @@ class RemoteHost:
         `output_cap` bounds each of stdout and stderr: beyond it the middle is cut (the head and the end, where
         errors usually are, are kept) and the number of cut bytes is reported.
         """
+        raw = await self.run_bytes(command, time_limit=time_limit, output_cap=output_cap, stdin=stdin)
+        return ExecResult(
+            command=command,
+            exit_code=raw.exit_code,
+            signal=raw.signal,
+            stdout=raw.stdout.text(),
+            stderr=raw.stderr.text(),
+            stdout_cut_bytes=raw.stdout.cut,
+            stderr_cut_bytes=raw.stderr.cut,
+            timed_out=raw.timed_out,
+            duration_s=raw.duration_s,
+        )
+
+    async def run_bytes(
+        self,
+        command: str,
+        *,
+        time_limit: float = 60.0,
+        output_cap: int = 64 * 1024,
+        stdin: bytes | None = None,
+    ) -> RawResult:
+        """`run`, with stdout and stderr kept as bytes (for callers that count bytes, like log cursors)."""
         started = time.monotonic()
         # sshd makes the session's shell a process-group leader; its pid is the handle to kill everything under it.
         proc = await self.process(f"echo $$\n{command}", encoding=None)
@@ -297,14 +329,11 @@ class RemoteHost:
                 if pgid:
                     with anyio.CancelScope(shield=True):
                         await self._kill_group(pgid[0])
-        return ExecResult(
-            command=command,
+        return RawResult(
             exit_code=None if timed_out else proc.exit_status,
             signal=None if timed_out or not proc.exit_signal else proc.exit_signal[0],
-            stdout=out.text(),
-            stderr=err.text(),
-            stdout_cut_bytes=out.cut,
-            stderr_cut_bytes=err.cut,
+            stdout=out,
+            stderr=err,
             timed_out=timed_out,
             duration_s=time.monotonic() - started,
         )
