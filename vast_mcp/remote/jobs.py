@@ -286,4 +286,3 @@ def format_chunk(chunk: LogChunk) -> str:
     state = f"exited with code {s.exit_code}" if s.state == "exited" else s.state
     more = "; more is waiting, call again with next_cursor" if chunk.more else ""
     return f"job {chunk.job_id} {state}; {where}{more}"
-
