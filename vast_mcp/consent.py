@@ -286,13 +286,25 @@ class QuoteBook:
             raise ValueError(f"offer {offer.id} has no usable price (dph_total={offer.dph_total!r})")
         now = self.clock()
         self._forget(now)
+        digest = params_digest(params)
+        for open_quote in self._quotes.values():
+            # Asking again for the same thing at the same price gets the same quote, so the user is shown one
+            # question however often the request is retried (elicitation may re-run on each protocol round).
+            if (
+                open_quote.quote_id not in self._used
+                and now < open_quote.expires_at
+                and (open_quote.offer_id, open_quote.params_digest) == (offer.id, digest)
+                and (open_quote.dph, open_quote.disk_gb, open_quote.max_runtime_h)
+                == (offer.dph_total, disk_gb, max_runtime_h)
+            ):
+                return open_quote
         quote = Quote(
             quote_id=f"q-{secrets.token_urlsafe(12)}",
             offer_id=offer.id,
             machine_id=offer.machine_id,
             gpu_name=offer.gpu_name,
             num_gpus=offer.num_gpus,
-            gpu_ram_gb=offer.gpu_ram / 1024,
+            gpu_ram_gb=offer.gpu_ram / 1000,  # Vast reports MB (decimal), as the CLI divides
             dph=offer.dph_total,
             disk_gb=disk_gb,
             max_runtime_h=max_runtime_h,
@@ -300,7 +312,7 @@ class QuoteBook:
             location=offer.geolocation,
             inet_up_cost=offer.inet_up_cost,
             inet_down_cost=offer.inet_down_cost,
-            params_digest=params_digest(params),
+            params_digest=digest,
             created_at=now,
             expires_at=now + self.ttl_s,
         )

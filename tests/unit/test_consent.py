@@ -49,7 +49,7 @@ def _offer(**changes: object) -> Offer:
         "machine_id": 4242,
         "num_gpus": 2,
         "gpu_name": "RTX 4090",
-        "gpu_ram": 24564.0,
+        "gpu_ram": 24000.0,
         "dph_total": 0.824,
         "reliability": 0.95,
         "reliability2": 0.993,
@@ -106,7 +106,7 @@ def test_describe_gives_the_key_numbers() -> None:
 
 def test_quote_ids_are_unique() -> None:
     book = QuoteBook(clock=Clock())
-    ids = {book.issue(_offer(), disk_gb=40, max_runtime_h=1, params=PARAMS).quote_id for _ in range(200)}
+    ids = {book.issue(_offer(), disk_gb=40, max_runtime_h=n, params=PARAMS).quote_id for n in range(1, 201)}
     assert len(ids) == 200
 
 
@@ -130,7 +130,7 @@ def test_a_quote_expires() -> None:
     clock = Clock()
     book = QuoteBook(ttl_s=60, clock=clock)
     quote = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
-    late = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
+    late = book.issue(_offer(dph_total=0.9), disk_gb=40, max_runtime_h=3, params=PARAMS)
     clock.now += 59.9
     assert book.redeem(quote.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3) == quote
     clock.now += 0.1
@@ -352,3 +352,16 @@ def test_price_recheck_never_crashes_and_accepts_the_quoted_price(dph: float, ac
     assert reason is None or isinstance(reason, str)
     if math.isfinite(actual) and actual > dph * (1 + tolerance) + 1e-6:
         assert reason is not None
+
+
+def test_same_request_gets_the_same_open_quote() -> None:
+    book = QuoteBook(ttl_s=60, clock=lambda: 1000.0)
+    offer = Offer(id=7, gpu_name="RTX 4090", num_gpus=1, gpu_ram=24000, dph_total=0.5)
+    first = book.issue(offer, disk_gb=32, max_runtime_h=2, params={"image": "img"})
+    again = book.issue(offer, disk_gb=32, max_runtime_h=2, params={"image": "img"})
+    other = book.issue(offer, disk_gb=64, max_runtime_h=2, params={"image": "img"})
+    assert again.quote_id == first.quote_id
+    assert other.quote_id != first.quote_id
+    assert first.gpu_ram_gb == 24
+    book.redeem(first.quote_id, 7, {"image": "img"}, disk_gb=32, max_runtime_h=2)
+    assert book.issue(offer, disk_gb=32, max_runtime_h=2, params={"image": "img"}).quote_id != first.quote_id
