@@ -1,129 +1,64 @@
-"""Fixtures for the remote layer: a real OpenSSH server per test, reached with our own key and pin store."""
+"""Fixtures for the remote layer: an instance of the simulated cloud (a real sshd in its own namespaces) per test,
+reached with our own key and pin store."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
 
 from vast_mcp.remote.connect import RemoteHost, RemoteHosts, SSHTarget
 from vast_mcp.remote.hostkeys import HostKeyStore
 from vast_mcp.remote.keys import ClientKey, load_client_key
+from vast_mcp.sim.hosts import Host, HostFaults, HostSpec, select_backend, sshd_unavailable_reason
 
-SSHD = "/usr/sbin/sshd"
-
-needs_sshd = pytest.mark.skipif(not (os.geteuid() == 0 and Path(SSHD).exists()), reason="needs root and /usr/sbin/sshd")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_MISSING = sshd_unavailable_reason()
+needs_sshd = pytest.mark.skipif(_MISSING is not None, reason=f"needs real sshd instances: {_MISSING}")
 
 
 @dataclass
-class SSHServer:
-    """One instance: a real sshd on a loopback port, with its own home directory as the login's $HOME."""
+class SimInstance:
+    """One simulated instance and what a test does to it from the outside."""
 
-    root: Path
-    port: int
-    host_id: str
-    authorized_keys: list[str]
-    proc: subprocess.Popen[bytes] | None = None
+    spec: HostSpec
+    host: Host
 
     @property
-    def home(self) -> Path:
-        return self.root / "home"
+    def faults(self) -> HostFaults:
+        assert self.spec.faults is not None
+        return self.spec.faults
 
     @property
     def target(self) -> SSHTarget:
-        return SSHTarget(host_id=self.host_id, host="127.0.0.1", port=self.port)
+        port = self.host.ssh_port
+        assert port is not None, "the instance is not running"
+        return SSHTarget(host_id=str(self.spec.instance_id), host="127.0.0.1", port=port)
 
-    def _config(self) -> Path:
-        cfg = self.root / "sshd_config"
-        cfg.write_text(
-            "\n".join(
-                [
-                    f"Port {self.port}",
-                    "ListenAddress 127.0.0.1",
-                    f"HostKey {self.root / 'host_key'}",
-                    f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
-                    "PermitRootLogin prohibit-password",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "StrictModes no",
-                    f"PidFile {self.root / 'sshd.pid'}",
-                    f"SetEnv HOME={self.home}",
-                    "",
-                ]
-            )
-        )
-        return cfg
-
-    def new_host_key(self) -> None:
-        key = self.root / "host_key"
-        for p in (key, key.with_suffix(".pub")):
-            p.unlink(missing_ok=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-
-    def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.root / "authorized_keys").write_text("\n".join(self.authorized_keys) + "\n")
-        os.chmod(self.root / "authorized_keys", 0o600)
-        if not (self.root / "host_key").exists():
-            self.new_host_key()
-        Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self._config())],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.root / "sshd.log", "ab"),  # noqa: SIM115
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise RuntimeError("sshd did not start")
-
-    def stop(self) -> None:
-        """Stop the listener and every session it serves (sessions are its children in one process group)."""
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-        for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if "sshd: root@notty" in args and self._owns(int(pid)):
-                os.kill(int(pid), signal.SIGKILL)
-
-    def _owns(self, pid: int) -> bool:
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            return False
-        return f"HOME={self.home}".encode() in env.split(b"\0")
-
-    def drop_connections(self) -> None:
-        """Kill the per-connection sshd processes, as a network drop would, but keep listening."""
-        for pid in self.session_pids():
-            os.kill(pid, signal.SIGKILL)
+    @property
+    def root_on_host(self) -> Path:
+        """The instance's /root, as seen from this machine."""
+        return self.spec.disk_dir / "root"
 
     def session_pids(self) -> list[int]:
-        if self.proc is None:
-            return []
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        """The instance's per-connection sshd processes (one per SSH connection, however many channels)."""
+        found = []
+        for pid in self.host.alive_pids():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sshd: root@"):
+                    found.append(pid)
+        return found
+
+    def drop_connections(self) -> None:
+        """Kill the per-connection sshd processes, as a network failure would, while sshd keeps listening."""
+        for pid in self.session_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(name="anyio_backend")
@@ -141,43 +76,32 @@ def host_keys_fixture(tmp_path: Path) -> HostKeyStore:
     return HostKeyStore.in_state_dir(tmp_path / "state")
 
 
-@pytest.fixture(name="ssh_server")
-def ssh_server_fixture(tmp_path: Path, client_key: ClientKey) -> Iterator[SSHServer]:
-    server = SSHServer(
-        root=tmp_path / "instance", port=free_port(), host_id="101", authorized_keys=[client_key.public_line]
+@pytest.fixture(name="instance")
+async def instance_fixture(tmp_path: Path, client_key: ClientKey) -> AsyncIterator[SimInstance]:
+    spec = HostSpec(
+        instance_id=4000 + os.getpid() % 1000,
+        disk_dir=tmp_path / "disk",
+        authorized_keys=[client_key.public_line],
+        env={},
+        log_path=tmp_path / "instance.log",
+        faults=HostFaults(),
     )
-    server.root.mkdir()
-    server.start()
+    host = select_backend("sshd").create(spec)
+    await host.start()
     try:
-        yield server
+        yield SimInstance(spec, host)
     finally:
-        server.stop()
-        _kill_leftovers(server.home)
-        shutil.rmtree(server.root, ignore_errors=True)
-
-
-def _kill_leftovers(home: Path) -> None:
-    # Background jobs deliberately outlive SSH sessions; the test owns them, so it ends them.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if cwd.startswith(str(home)) or f"HOME={home}".encode() in env.split(b"\0"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+        with anyio.fail_after(60), anyio.CancelScope(shield=True):
+            await host.destroy()
 
 
 @pytest.fixture(name="remote")
 async def remote_fixture(
-    ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore
+    instance: SimInstance, client_key: ClientKey, host_keys: HostKeyStore
 ) -> AsyncIterator[RemoteHost]:
     hosts = RemoteHosts(client_key, host_keys)
-    host = hosts.get(ssh_server.target)
-    await host.wait_ready(budget=20)
+    host = hosts.get(instance.target)
+    await host.wait_ready(budget=30)
     try:
         yield host
     finally:

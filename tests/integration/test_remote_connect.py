@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from pathlib import Path
 
 import anyio
 import pytest
 from remote_conftest import (  # noqa: F401  (fixtures are found by name)
-    SSHServer,
+    SimInstance,
     anyio_backend_fixture,
     client_key_fixture,
     host_keys_fixture,
+    instance_fixture,
     needs_sshd,
     remote_fixture,
-    ssh_server_fixture,
 )
 
 from vast_mcp.errors import ConfigError, HostKeyChangedError, SSHUnavailableError
@@ -43,9 +42,9 @@ async def test_configured_key_must_exist(tmp_path: Path) -> None:
         await load_client_key(tmp_path / "state", tmp_path / "nope")
 
 
-async def test_ready_reports_what_the_host_offers(remote: RemoteHost, ssh_server: SSHServer) -> None:
+async def test_ready_reports_what_the_host_offers(remote: RemoteHost) -> None:
     info = await remote.wait_ready(budget=10)
-    assert info.home == str(ssh_server.home)
+    assert info.home == "/root"
     assert info.disk_free_bytes is not None and info.disk_free_bytes > 0
     assert info.python_version is not None and info.python_version[0] == "3"
     assert "tar" in info.tools
@@ -54,63 +53,59 @@ async def test_ready_reports_what_the_host_offers(remote: RemoteHost, ssh_server
 
 
 async def test_ready_waits_for_ssh_that_refuses_at_first(
-    ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore
+    instance: SimInstance, client_key: ClientKey, host_keys: HostKeyStore
 ) -> None:
-    ssh_server.stop()
-    timer = threading.Timer(1.5, ssh_server.start)
-    timer.start()
+    instance.faults.ssh_refuse_for = 1.5
     stages: list[str] = []
     hosts = RemoteHosts(client_key, host_keys)
     try:
-        info = await hosts.get(ssh_server.target).wait_ready(budget=20, on_attempt=lambda s, d: stages.append(s))
+        info = await hosts.get(instance.target).wait_ready(budget=20, on_attempt=lambda s, d: stages.append(s))
     finally:
-        timer.join()
         await hosts.aclose()
-    assert "tcp" in stages
+    assert stages and set(stages) <= {"tcp", "banner"}
     assert info.waited_s >= 1.0
-    assert info.home == str(ssh_server.home)
+    assert info.home == "/root"
 
 
 async def test_ready_gives_up_with_the_failing_step(
-    ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore
+    instance: SimInstance, client_key: ClientKey, host_keys: HostKeyStore
 ) -> None:
-    ssh_server.stop()
-    host = RemoteHosts(client_key, host_keys).get(ssh_server.target)
+    target = instance.target
+    await instance.host.stop()
+    host = RemoteHosts(client_key, host_keys).get(target)
     with pytest.raises(SSHUnavailableError, match="not ready after") as err:
         await host.wait_ready(budget=1)
-    assert err.value.stage == "tcp"
+    assert err.value.stage in ("tcp", "banner")
 
 
-async def test_ready_reports_a_refused_key(ssh_server: SSHServer, tmp_path: Path, host_keys: HostKeyStore) -> None:
+async def test_ready_reports_a_refused_key(instance: SimInstance, tmp_path: Path, host_keys: HostKeyStore) -> None:
     stranger = await load_client_key(tmp_path / "other-state")
-    host = RemoteHosts(stranger, host_keys).get(ssh_server.target)
+    host = RemoteHosts(stranger, host_keys).get(instance.target)
     with pytest.raises(SSHUnavailableError, match="refused our SSH key") as err:
         await host.wait_ready(budget=1.5)
     assert err.value.stage == "auth"
 
 
 async def test_changed_host_key_is_refused(
-    ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore, tmp_path: Path
+    instance: SimInstance, client_key: ClientKey, host_keys: HostKeyStore, tmp_path: Path
 ) -> None:
     hosts = RemoteHosts(client_key, host_keys)
-    await hosts.get(ssh_server.target).wait_ready(budget=10)
-    pin = await host_keys.get(ssh_server.host_id)
+    await hosts.get(instance.target).wait_ready(budget=10)
+    pin = await host_keys.get(str(instance.spec.instance_id))
     assert pin is not None
     await hosts.aclose()
 
-    ssh_server.stop()
-    ssh_server.new_host_key()
-    ssh_server.start()
+    await instance.host.rotate_host_key()
     # A fresh process (new store object reading the same file) must refuse as well.
     store = HostKeyStore.in_state_dir(tmp_path / "state")
-    host = RemoteHosts(client_key, store).get(ssh_server.target)
+    host = RemoteHosts(client_key, store).get(instance.target)
     with pytest.raises(HostKeyChangedError, match="changed") as err:
         await host.wait_ready(budget=10)
     assert err.value.pinned == pin.key
     assert err.value.presented != pin.key
     with pytest.raises(HostKeyChangedError):
         await host.run("echo hi")
-    assert (await store.get(ssh_server.host_id)) == pin
+    assert (await store.get(str(instance.spec.instance_id))) == pin
 
 
 async def test_exec_returns_output_and_exit_code(remote: RemoteHost) -> None:
@@ -141,7 +136,7 @@ async def test_exec_output_cap_says_what_was_cut(remote: RemoteHost) -> None:
     assert any("cut" in n for n in res.notes())
 
 
-async def test_one_connection_serves_concurrent_commands(remote: RemoteHost, ssh_server: SSHServer) -> None:
+async def test_one_connection_serves_concurrent_commands(remote: RemoteHost, instance: SimInstance) -> None:
     results: list[str] = []
 
     async def one(i: int) -> None:
@@ -151,12 +146,12 @@ async def test_one_connection_serves_concurrent_commands(remote: RemoteHost, ssh
         for i in range(8):
             tg.start_soon(one, i)
     assert sorted(results) == [str(i) for i in range(8)]
-    assert len(ssh_server.session_pids()) == 1
+    assert len(instance.session_pids()) == 1
 
 
-async def test_reconnects_after_a_drop(remote: RemoteHost, ssh_server: SSHServer) -> None:
+async def test_reconnects_after_a_drop(remote: RemoteHost, instance: SimInstance) -> None:
     assert (await remote.run("echo one")).stdout == "one\n"
-    ssh_server.drop_connections()
+    instance.drop_connections()
     await anyio.sleep(0.3)
     assert (await remote.run("echo two")).stdout == "two\n"
 

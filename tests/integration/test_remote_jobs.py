@@ -5,13 +5,13 @@ from __future__ import annotations
 import anyio
 import pytest
 from remote_conftest import (  # noqa: F401  (fixtures are found by name)
-    SSHServer,
+    SimInstance,
     anyio_backend_fixture,
     client_key_fixture,
     host_keys_fixture,
+    instance_fixture,
     needs_sshd,
     remote_fixture,
-    ssh_server_fixture,
 )
 
 from vast_mcp.errors import JobNotFoundError
@@ -46,15 +46,15 @@ async def test_job_reports_exit_code_and_full_log(remote: RemoteHost) -> None:
 
 
 async def test_job_outlives_dropped_connection_and_new_client(
-    remote: RemoteHost, ssh_server: SSHServer, client_key: ClientKey, host_keys: HostKeyStore
+    remote: RemoteHost, instance: SimInstance, client_key: ClientKey, host_keys: HostKeyStore
 ) -> None:
     script = "i=0; while [ $i -lt 30 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done; exit 3"
     status = await start_job(remote, script, job_id="survivor")
     first = await tail_job(remote, "survivor", wait=5)
     assert first.text.startswith("tick 0\n")
 
-    ssh_server.drop_connections()
-    other = RemoteHosts(client_key, host_keys).get(ssh_server.target)
+    instance.drop_connections()
+    other = RemoteHosts(client_key, host_keys).get(instance.target)
     try:
         again = await job_status(other, "survivor")
         assert again.state == "running" and again.pid == status.pid
@@ -114,13 +114,11 @@ async def test_job_killed_outside_is_lost(remote: RemoteHost) -> None:
     assert (await job_status(remote, status.job_id)).state == "lost"
 
 
-async def test_env_cwd_and_listing(remote: RemoteHost, ssh_server: SSHServer) -> None:
-    (ssh_server.home / "work dir").mkdir()
-    status = await start_job(
-        remote, 'echo "$TOKEN in $(pwd)"', cwd=str(ssh_server.home / "work dir"), env={"TOKEN": "s3cr'et"}
-    )
+async def test_env_cwd_and_listing(remote: RemoteHost, instance: SimInstance) -> None:
+    (instance.root_on_host / "work dir").mkdir()
+    status = await start_job(remote, 'echo "$TOKEN in $(pwd)"', cwd="/root/work dir", env={"TOKEN": "s3cr'et"})
     log, _ = await _follow(remote, status.job_id, 0)
-    assert log == f"s3cr'et in {ssh_server.home / 'work dir'}\n".encode()
+    assert log == b"s3cr'et in /root/work dir\n"
     ps = await remote.run("ps -eo args")
     assert "s3cr" not in ps.stdout
     jobs = await list_jobs(remote)
