@@ -521,11 +521,7 @@ async def test_billing_charges_running_time_and_storage_while_stopped(tmp_path: 
     cloud = SimCloud(backend=StateOnlyBackend(), boot_delay=0.0, root_dir=tmp_path / "sim", clock=lambda: now[0])
     async with (
         cloud,
-        httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=create_app(cloud)),
-            base_url="http://sim.test",
-            headers={"Authorization": f"Bearer {cloud.api_key}"},
-        ) as client,
+        _client(cloud) as client,
     ):
         iid = (await _create(client, disk=100.0))["new_contract"]
         row = await _wait_status(client, iid, "running")
@@ -708,11 +704,7 @@ async def test_ssh_address_published_for_direct_and_proxy_runtypes(tmp_path: Pat
     backend = _PortBackend()
     async with (
         SimCloud(backend=backend, boot_delay=0.01, root_dir=tmp_path / "sim") as cloud,
-        httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=create_app(cloud)),
-            base_url="http://sim.test",
-            headers={"Authorization": f"Bearer {cloud.api_key}"},
-        ) as client,
+        _client(cloud) as client,
     ):
         direct = (await _create(client, runtype="ssh_direc ssh_proxy"))["new_contract"]
         proxy = (await _create(client, runtype="jupyter_proxy ssh_proxy"))["new_contract"]
@@ -749,11 +741,7 @@ async def test_host_key_change_fault_rotates_after_running(tmp_path: Path) -> No
     backend = _PortBackend()
     async with SimCloud(backend=backend, boot_delay=0.0, root_dir=tmp_path / "sim") as cloud:
         cloud.faults.next_instances.append(InstanceFaults(host_key_change_after=0.0))
-        async with httpx2.AsyncClient(
-            transport=httpx2.ASGITransport(app=create_app(cloud)),
-            base_url="http://sim.test",
-            headers={"Authorization": f"Bearer {cloud.api_key}"},
-        ) as client:
+        async with _client(cloud) as client:
             iid = (await _create(client))["new_contract"]
             await _wait_status(client, iid, "running")
             with anyio.fail_after(WAIT):

@@ -114,9 +114,6 @@ class InstanceFaults:
                 setattr(faults, f.name, float(raw))
         return faults
 
-    def active(self) -> bool:
-        return self != InstanceFaults(stuck_for=self.stuck_for)
-
 
 @dataclass
 class FaultBook:

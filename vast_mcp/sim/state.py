@@ -34,6 +34,8 @@ MAX_LABEL = 1024
 DEFAULT_PORT_WAIT = 30.0
 DEFAULT_START_TIMEOUT = 60.0
 DESTROY_TIMEOUT = 30.0
+REQUEST_LOG_MAX = 10_000
+LOG_REQUESTS_MAX = 1_000
 
 
 class SimError(Exception):
@@ -573,6 +575,8 @@ class SimCloud:
     def request_logs(self, instance_id: int, tail: int | None, filter_text: str | None, ready_in: float) -> str:
         self.require(instance_id)
         token = secrets.token_urlsafe(18)
+        if len(self.log_requests) >= LOG_REQUESTS_MAX:
+            del self.log_requests[next(iter(self.log_requests))]
         self.log_requests[token] = LogRequest(instance_id, time.monotonic() + ready_in, tail, filter_text)
         return token
 
@@ -599,6 +603,9 @@ class SimCloud:
         self._request_seq += 1
         entry = {"seq": self._request_seq, **entry}
         self.request_log.append(entry)
+        # A long-running demo sim must not grow without bound; tests read far fewer than this.
+        if len(self.request_log) > REQUEST_LOG_MAX:
+            del self.request_log[: len(self.request_log) - REQUEST_LOG_MAX]
         return entry
 
     # --- views ------------------------------------------------------------------------------------------------
@@ -765,6 +772,8 @@ class SimCloud:
 
     def _start_lifecycle(self, inst: SimInstance, *, first_boot: bool) -> None:
         assert self._tg is not None
+        if inst.destroyed:  # a destroy can land while create is still writing the instance's first log line
+            return
         inst.scope = anyio.CancelScope()
         inst.lifecycle_done = anyio.Event()
         self._tg.start_soon(self._lifecycle, inst, first_boot)
