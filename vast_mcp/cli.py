@@ -26,11 +26,52 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the MCP server (stdio by default; what MCP clients start)")
+    p.add_argument("--http", action="store_true", help="serve streamable HTTP on 127.0.0.1 instead of stdio")
+    p.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .entry import serve
+
+        return serve(http=args.http, port=args.port)
+
+    p.set_defaults(handler=run)
+
+
+def _add_reap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("reap", help="destroy instances left behind by sessions whose server is gone")
+    p.add_argument("--session", default=None, help="take over this session and destroy its instances")
+    p.add_argument("--within", type=float, default=300.0, help="seconds to keep trying to confirm (default 300)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .entry import reap
+
+        return reap(session_id=args.session, within=args.within)
+
+    p.set_defaults(handler=run)
+
+
+def _add_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ledger", help="print every instance the ledger tracks, with its cost")
+    p.add_argument("--live", action="store_true", help="only instances that may still exist")
+
+    def run(args: argparse.Namespace) -> int:
+        from .entry import ledger
+
+        return ledger(live_only=args.live)
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vast-mcp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vast-mcp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
     _add_sim(sub)
+    _add_reap(sub)
+    _add_ledger(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .consent import Caps
 from .errors import ConfigError
 
 DEFAULT_VAST_URL = "https://console.vast.ai"
@@ -89,19 +90,36 @@ def default_state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "vast-mcp"
 
 
+def allowed_roots() -> list[Path]:
+    """Local folders uploads may read and downloads may write: `VAST_MCP_ROOTS` (os.pathsep-separated), else the
+    working directory (the home directory when that is `/`, as for desktop hosts)."""
+    raw = os.environ.get("VAST_MCP_ROOTS")
+    if raw:
+        return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p]
+    cwd = Path.cwd().resolve()
+    return [cwd if cwd != Path("/") else _home().resolve()]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to know about its environment."""
 
-    api_key: Secret = field(repr=True)
+    api_key: Secret
     vast_url: str = DEFAULT_VAST_URL
     state_dir: Path = field(default_factory=default_state_dir)
+    caps: Caps = field(default_factory=Caps)
+    ssh_key_path: Path | None = None  # None: the server's own key pair in the state dir
+    roots: list[Path] = field(default_factory=allowed_roots)
 
     @classmethod
     def from_env(cls) -> Settings:
         state = os.environ.get("VAST_MCP_STATE_DIR")
+        key_path = os.environ.get("VAST_MCP_SSH_KEY")
         return cls(
             api_key=require_api_key(),
             vast_url=vast_url(),
             state_dir=Path(state).expanduser() if state else default_state_dir(),
+            caps=Caps.from_env(),
+            ssh_key_path=Path(key_path).expanduser() if key_path else None,
+            roots=allowed_roots(),
         )

@@ -1,0 +1,493 @@
+"""The operations behind the tools: one object per server session that owns the API client, the ledger, the
+quotes and the SSH connections, and enforces the safety rules on every path that rents or touches an instance.
+
+`server.py` only translates MCP to these methods; the `run_job` workflow calls them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from .config import Settings
+from .consent import Quote, QuoteBook, check_caps, needs_user_approval, price_recheck
+from .errors import (
+    ConsentError,
+    OfferUnavailableError,
+    SSHUnavailableError,
+    VastAPIError,
+    VastMCPError,
+)
+from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
+from .reaper import ReapReport, destroy_confirmed, find_by_label, reap_dead_sessions, reap_session
+from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
+from .remote.hostkeys import HostKeyStore
+from .remote.keys import ClientKey, load_client_key
+from .results import (
+    CreateResult,
+    DestroyResult,
+    InstanceRow,
+    InstancesResult,
+    OfferRow,
+    OffersResult,
+    QuoteView,
+    ReadyResult,
+)
+from .vast.client import VastClient
+from .vast.create import build_create_body
+from .vast.models import Instance, Offer
+from .vast.query import OfferFilters, build_offer_query
+
+log = logging.getLogger("vast_mcp.service")
+
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+ApprovedBy = Literal["user", "quote_id", "auto_approve"]
+FAILED_STATUSES = frozenset({"exited", "offline", "unknown"})
+API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
+HEARTBEAT_S = 60.0
+TEARDOWN_INLINE_S = 1.2  # what the stdio host leaves us after closing stdin, minus a margin
+
+
+async def _no_progress(done: float, total: float | None, message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """What the agent asked to rent; `params()` is the create body the quote is bound to."""
+
+    offer_id: int
+    disk_gb: float
+    max_runtime_h: float
+    image: str | None = None
+    template_hash: str | None = None
+    onstart: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        return build_create_body(
+            image=self.image,
+            template_hash=self.template_hash,
+            disk_gb=self.disk_gb,
+            onstart=self.onstart,
+            env=dict(self.env),
+        )
+
+
+def offer_row(rank: int, offer: Offer) -> OfferRow:
+    vram = f" {offer.gpu_ram / 1000:.0f}GB" if offer.gpu_ram else ""
+    return OfferRow(
+        rank=rank,
+        offer_id=offer.id,
+        gpu=f"{offer.num_gpus}× {offer.gpu_name}{vram}",
+        dph=round(offer.dph_total, 4),
+        reliability=offer.reliability2 if offer.reliability2 is not None else offer.reliability,
+        location=offer.geolocation,
+        cuda=offer.cuda_max_good,
+        inet_down_mbps=offer.inet_down,
+        disk_gb=offer.disk_space,
+        machine_id=offer.machine_id,
+        verified=None if offer.verification is None else offer.verification == "verified",
+    )
+
+
+def quote_view(quote: Quote) -> QuoteView:
+    return QuoteView(
+        quote_id=quote.quote_id,
+        offer_id=quote.offer_id,
+        gpu=quote.gpu,
+        dph=quote.dph,
+        disk_gb=quote.disk_gb,
+        max_runtime_hours=quote.max_runtime_h,
+        projected_usd=round(quote.projected_usd, 4),
+        reliability=quote.reliability,
+        location=quote.location,
+        expires_at=quote.expires_at,
+        text=quote.describe(),
+    )
+
+
+class Service:
+    """One server session's view of Vast: every rent and destroy of the session goes through here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: VastClient,
+        ledger: Ledger,
+        session: Session,
+        key: ClientKey,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.ledger = ledger
+        self.session = session
+        self.scope = session.scope
+        self.key = key
+        self.quotes = QuoteBook(ttl_s=settings.caps.quote_ttl_s)
+        self.hosts = RemoteHosts(key, HostKeyStore.in_state_dir(settings.state_dir))
+        self._key_registered = False
+        self._create_lock = anyio.Lock()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Service]:
+        """Start a session: API client, ledger row for this process, SSH key. Closing it does not destroy
+        anything; see `teardown`."""
+        await anyio.to_thread.run_sync(lambda: settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
+        key = await load_client_key(settings.state_dir, settings.ssh_key_path)
+        async with (
+            VastClient(settings.api_key, settings.vast_url) as client,
+            await Ledger.open(ledger_path(settings.state_dir)) as ledger,
+        ):
+            session = await ledger.start_session(account_scope(settings.vast_url, settings.api_key))
+            service = cls(settings, client, ledger, session, key)
+            try:
+                yield service
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await service.hosts.aclose()
+
+    @property
+    def session_id(self) -> str:
+        return self.session.id
+
+    # --- background duties ------------------------------------------------------------------------------------
+
+    async def heartbeat_forever(self) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            try:
+                await self.ledger.heartbeat(self.session_id)
+            except VastMCPError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def reap_dead_sessions(self) -> ReapReport:
+        """Destroy what servers that died on this account left behind (run at start-up)."""
+        report = await reap_dead_sessions(self.client, self.ledger, self.scope)
+        if report.destroyed or report.failed:
+            log.warning("start-up sweep of dead sessions: %s", report.summary())
+        return report
+
+    async def teardown(self, *, inline_s: float = TEARDOWN_INLINE_S) -> ReapReport:
+        """The client went away: destroy this session's instances (not the kept ones), confirmed.
+
+        What cannot be confirmed within `inline_s` is handed to a detached `vast-mcp reap --session` process
+        that outlives this one, because the stdio host kills us about two seconds after closing stdin.
+        """
+        report = ReapReport()
+        if await self.ledger.to_destroy(self.session_id):
+            with anyio.move_on_after(inline_s):
+                report = await reap_session(self.client, self.ledger, self.session_id, within=inline_s)
+        if await self.ledger.to_destroy(self.session_id):
+            from .lifecycle import spawn_reaper
+
+            spawn_reaper(self.settings, self.session_id)
+        else:
+            await self.ledger.end_session(self.session_id)
+        return report
+
+    # --- offers and consent -----------------------------------------------------------------------------------
+
+    async def search(
+        self, *, query: str | None, filters: OfferFilters, disk_gb: float, order: str, limit: int
+    ) -> OffersResult:
+        body = build_offer_query(query or None, filters=filters, order=order, limit=limit, storage_gb=disk_gb)
+        offers = await self.client.search_offers(body)
+        return OffersResult(disk_gb=disk_gb, offers=[offer_row(i, o) for i, o in enumerate(offers[:limit], 1)])
+
+    async def _offer(self, offer_id: int, disk_gb: float) -> Offer:
+        body = build_offer_query(None, storage_gb=disk_gb, limit=1, no_default=True)
+        body = {"id": {"eq": offer_id}, "rentable": {"eq": True}, **body}
+        offers = await self.client.search_offers(body)
+        for offer in offers:
+            if offer.id == offer_id:
+                return offer
+        raise OfferUnavailableError(
+            f"Offer {offer_id} is not available any more. Search offers again and pick another."
+        )
+
+    async def quote(self, request: CreateRequest) -> Quote:
+        """Price `request` now (disk included), and check it against the caps before anyone is asked."""
+        offer = await self._offer(request.offer_id, request.disk_gb)
+        quote = self.quotes.issue(
+            offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=request.params()
+        )
+        await self._check_caps(quote)
+        return quote
+
+    async def _check_caps(self, quote: Quote) -> None:
+        spend = await self.ledger.spend(self.session_id)
+        live = await self.ledger.live_count(self.session_id)
+        check_caps(quote, self.settings.caps, spend.committed, live)
+
+    def needs_approval(self, quote: Quote) -> bool:
+        return needs_user_approval(quote, self.settings.caps)
+
+    # --- create -----------------------------------------------------------------------------------------------
+
+    async def ensure_key_registered(self) -> None:
+        """Vast installs account keys on instances created *afterwards*, so ours must be on the account first."""
+        if self._key_registered:
+            return
+        ours = self.key.public_line.split()[1]
+        keys = await self.client.list_ssh_keys()
+        if not any(len(k.text.split()) > 1 and k.text.split()[1] == ours for k in keys):
+            await self.client.create_ssh_key(self.key.public_line)
+        self._key_registered = True
+
+    async def create(
+        self, request: CreateRequest, quote: Quote, approved_by: ApprovedBy, progress: Progress = _no_progress
+    ) -> CreateResult:
+        """Rent the quoted offer. The ledger row exists before the request leaves; the price is re-checked after."""
+        async with self._create_lock:  # caps are checked and the intent written as one step per session
+            await self._check_caps(quote)
+            await self.ensure_key_registered()
+            row = await self.ledger.record_intent(
+                self.session_id,
+                offer_id=quote.offer_id,
+                machine_id=quote.machine_id,
+                quoted_dph=quote.dph,
+                max_runtime_h=quote.max_runtime_h,
+                gpu=quote.gpu,
+                quote_id=quote.quote_id,
+            )
+        await progress(1, 3, f"renting offer {quote.offer_id}")
+        params = request.params()
+        try:
+            created = await self.client.create_instance(
+                request.offer_id,
+                image=request.image,
+                template_hash=request.template_hash,
+                disk_gb=request.disk_gb,
+                label=row.label,
+                onstart=request.onstart,
+                env=params["env"],
+            )
+        except (OfferUnavailableError, ConsentError) as exc:
+            await self.ledger.mark_create_failed(row.row_id, str(exc))
+            raise
+        except VastAPIError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                await self.ledger.mark_create_failed(row.row_id, str(exc))
+                raise
+            # The answer was lost: the instance may exist. Look for it by its label before giving up.
+            instance_id = await self._find_lost(row)
+            if instance_id is None:
+                raise VastAPIError(
+                    f"The create request failed ({exc}) and no instance labelled {row.label} exists yet. It is "
+                    "tracked: if it appears it will be destroyed. Search again before retrying."
+                ) from exc
+        else:
+            instance_id = created.new_contract
+        row = await self.ledger.mark_created(row.row_id, instance_id)
+        await progress(2, 3, f"created instance {instance_id}; checking its price")
+        await self._recheck_price(row, quote)
+        await progress(3, 3, "created")
+        return CreateResult(
+            status="created",
+            quote=quote_view(quote),
+            instance_id=instance_id,
+            label=row.label,
+            approved_by=approved_by,
+        )
+
+    async def _find_lost(self, row: LedgerInstance) -> int | None:
+        try:
+            found = await find_by_label(self.client, [row])
+        except VastAPIError:
+            return None
+        inst = found.get(row.label)
+        return inst.id if inst is not None else None
+
+    async def _recheck_price(self, row: LedgerInstance, quote: Quote) -> None:
+        assert row.instance_id is not None
+        inst = await self.client.show_instance(row.instance_id)
+        if inst is None or inst.dph_total is None:
+            return
+        await self.ledger.set_actual_dph(row.row_id, inst.dph_total)
+        reason = price_recheck(quote, inst.dph_total)
+        if reason is not None:
+            await self.destroy(row.instance_id)
+            raise ConsentError(f"{reason} The instance was destroyed at once. Search again for a fresh price.")
+
+    # --- instances of this session ----------------------------------------------------------------------------
+
+    async def own(self, instance_id: int) -> LedgerInstance | None:
+        return await self.ledger.instance_by_id(self.session_id, instance_id)
+
+    async def require_own(self, instance_id: int) -> LedgerInstance:
+        row = await self.own(instance_id)
+        if row is None or not row.is_live:
+            raise VastMCPError(
+                f"Instance {instance_id} is not a live instance of this session. Call list_instances to see the "
+                "instances this session created."
+            )
+        return row
+
+    async def wait_ready(self, instance_id: int, budget: float, progress: Progress = _no_progress) -> ReadyResult:
+        """Wait (at most `budget` s) until our SSH key logs in and a command runs.
+
+        Vast is polled every few seconds (its show-instance route allows one call per ~2 s), only to learn the
+        address and to notice a failed instance. As soon as any SSH address is known (Vast publishes the proxy
+        address while the image still loads), the host itself is probed several times a second, so readiness is
+        seen within a fraction of a second of sshd accepting.
+        """
+        await self.require_own(instance_id)
+        started = time.monotonic()
+        latest: list[Instance] = []
+        outcome: list[ReadyResult] = []
+        probing: set[tuple[str, int]] = set()
+
+        def finish(result: ReadyResult, scope: anyio.CancelScope) -> None:
+            if not outcome:
+                outcome.append(result)
+            scope.cancel()
+
+        async def probe(inst: Instance, address: tuple[str, int], scope: anyio.CancelScope) -> None:
+            host = self._host(instance_id, address)
+
+            async def attempt(stage: str, detail: str) -> None:
+                await progress(time.monotonic() - started, budget, f"instance {instance_id}: SSH not up yet ({stage})")
+
+            try:
+                info = await host.wait_ready(budget=budget, on_attempt=attempt)
+            except SSHUnavailableError:
+                return
+            current = latest[-1] if latest else inst
+            finish(ready_result(instance_id, current, host, info, time.monotonic() - started), scope)
+
+        async with anyio.create_task_group() as tg:
+            with anyio.move_on_after(budget):
+                while True:
+                    inst = await self.client.show_instance(instance_id)
+                    if inst is None:
+                        raise VastMCPError(f"Instance {instance_id} no longer exists on Vast. Search for a new offer.")
+                    latest.append(inst)
+                    if inst.actual_status in FAILED_STATUSES:
+                        failed = ReadyResult(
+                            instance_id=instance_id,
+                            ready=False,
+                            failed=True,
+                            status=inst.actual_status,
+                            status_msg=inst.status_msg,
+                            waited_s=time.monotonic() - started,
+                        )
+                        finish(failed, tg.cancel_scope)
+                        break
+                    for address in (inst.direct_ssh(), inst.proxy_ssh()):
+                        if address is not None and address not in probing:
+                            probing.add(address)
+                            tg.start_soon(probe, inst, address, tg.cancel_scope)
+                    status = inst.actual_status or "scheduling"
+                    await progress(time.monotonic() - started, budget, f"instance {instance_id}: {status}")
+                    await anyio.sleep(API_POLL_S)
+            tg.cancel_scope.cancel()
+        if outcome:
+            return outcome[0]
+        inst = latest[-1]
+        return ReadyResult(
+            instance_id=instance_id,
+            ready=False,
+            status=inst.actual_status,
+            status_msg=inst.status_msg or ("running, but SSH does not let us in yet" if probing else None),
+            waited_s=time.monotonic() - started,
+        )
+
+    def _host(self, instance_id: int, address: tuple[str, int]) -> RemoteHost:
+        return self.hosts.get(SSHTarget(host_id=f"{self.scope}/{instance_id}", host=address[0], port=address[1]))
+
+    def remote(self, instance_id: int, inst: Instance) -> RemoteHost:
+        address = inst.ssh_address()
+        if address is None:
+            raise SSHUnavailableError(f"Instance {instance_id} has no SSH address yet. Call wait_ready first.")
+        return self._host(instance_id, address)
+
+    async def connected(self, instance_id: int) -> RemoteHost:
+        """The SSH connection of one of this session's running instances."""
+        await self.require_own(instance_id)
+        inst = await self.client.show_instance(instance_id)
+        if inst is None:
+            raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
+        if inst.actual_status != "running":
+            raise SSHUnavailableError(
+                f"Instance {instance_id} is {inst.actual_status or 'not running yet'}. Call wait_ready first."
+            )
+        return self.remote(instance_id, inst)
+
+    async def destroy(self, instance_id: int, *, foreign_ok: bool = False) -> DestroyResult:
+        """Destroy and confirm. Instances this session did not create need `foreign_ok` (the user's say-so)."""
+        row = await self.own(instance_id)
+        if row is None and not foreign_ok:
+            raise ConsentError(
+                f"Instance {instance_id} was not created by this session. Destroying it deletes someone's work: ask "
+                "the user, and only if they agree call destroy again with confirm_not_mine=true."
+            )
+        if row is not None:
+            await self.ledger.mark_destroying(row.row_id)
+        try:
+            await destroy_confirmed(self.client, instance_id, within=40.0)
+        except VastAPIError as exc:
+            if row is not None:
+                await self.ledger.mark_destroy_failed(row.row_id, str(exc))
+            raise VastAPIError(
+                f"Destroying instance {instance_id} is not confirmed yet ({exc}). It stays tracked and will be "
+                "retried; call destroy again in a minute."
+            ) from exc
+        accrued = None
+        if row is not None:
+            done = await self.ledger.mark_destroyed(row.row_id)
+            accrued = round(done.accrued(time.time()), 4)
+        await self.hosts.forget(f"{self.scope}/{instance_id}")
+        return DestroyResult(instance_id=instance_id, confirmed=True, accrued_usd=accrued)
+
+    async def keep(self, instance_id: int, keep: bool) -> LedgerInstance:
+        row = await self.require_own(instance_id)
+        return await self.ledger.set_keep(row.row_id, keep)
+
+    async def list_session(self) -> InstancesResult:
+        now = time.time()
+        rows = await self.ledger.session_instances(self.session_id, include_done=True)
+        live = {i.id: i for i in await self.client.list_instances()} if any(r.is_live for r in rows) else {}
+        out = []
+        for r in rows:
+            vast = live.get(r.instance_id) if r.instance_id is not None else None
+            status = r.state.value if vast is None else f"{r.state.value}/{vast.actual_status or 'scheduling'}"
+            out.append(
+                InstanceRow(
+                    instance_id=r.instance_id,
+                    label=r.label,
+                    gpu=r.gpu,
+                    status=status,
+                    dph=r.dph,
+                    uptime_h=round(r.hours(now), 4),
+                    accrued_usd=round(r.accrued(now), 4),
+                    keep=r.keep,
+                )
+            )
+        spend = await self.ledger.spend(self.session_id)
+        return InstancesResult(
+            instances=out,
+            session_accrued_usd=round(spend.accrued, 4),
+            session_committed_usd=round(spend.committed, 4),
+        )
+
+
+def ready_result(instance_id: int, inst: Instance, host: RemoteHost, info: HostInfo, waited: float) -> ReadyResult:
+    return ReadyResult(
+        instance_id=instance_id,
+        ready=True,
+        status=inst.actual_status,
+        ssh=host.target.address,
+        waited_s=round(waited, 3),
+        gpus=list(info.gpus),
+        nvidia_smi=info.nvidia_smi,
+        disk_free_gb=None if info.disk_free_bytes is None else round(info.disk_free_bytes / 1e9, 1),
+        python=info.python_version,
+    )
