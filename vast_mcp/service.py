@@ -6,6 +6,7 @@ quotes and the SSH connections, and enforces the safety rules on every path that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,6 +20,7 @@ from .config import Settings
 from .consent import Quote, QuoteBook, check_caps, needs_user_approval, price_recheck
 from .errors import (
     ConsentError,
+    LedgerError,
     OfferUnavailableError,
     SSHUnavailableError,
     VastAPIError,
@@ -28,12 +30,16 @@ from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
 from .reaper import ReapReport, destroy_confirmed, find_by_label, reap_dead_sessions, reap_session
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.hostkeys import HostKeyStore
+from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
 from .results import (
+    CommandResult,
     CreateResult,
     DestroyResult,
     InstanceRow,
     InstancesResult,
+    JobView,
+    LogResult,
     OfferRow,
     OffersResult,
     QuoteView,
@@ -51,6 +57,7 @@ ApprovedBy = Literal["user", "quote_id", "auto_approve"]
 FAILED_STATUSES = frozenset({"exited", "offline", "unknown"})
 API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
 HEARTBEAT_S = 60.0
+OUTPUT_CAP = 64 * 1024  # bytes of command output returned to the model; the middle is cut, and that is said
 TEARDOWN_INLINE_S = 1.2  # what the stdio host leaves us after closing stdin, minus a margin
 
 
@@ -133,6 +140,7 @@ class Service:
         self.quotes = QuoteBook(ttl_s=settings.caps.quote_ttl_s)
         self.hosts = RemoteHosts(key, HostKeyStore.in_state_dir(settings.state_dir))
         self._key_registered = False
+        self._secrets: set[str] = set()
         self._create_lock = anyio.Lock()
 
     @classmethod
@@ -421,6 +429,80 @@ class Service:
             )
         return self.remote(instance_id, inst)
 
+    # --- commands and background jobs ------------------------------------------------------------------------
+
+    def redact(self, text: str, extra: Mapping[str, str] | None = None) -> str:
+        """Text from an instance with every known secret (the API key, exec-time secrets) masked."""
+        secrets = [self.settings.api_key.reveal(), *self._secrets, *(extra or {}).values()]
+        for secret in sorted({x for x in secrets if len(x) >= 4}, key=len, reverse=True):
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    async def run_command(self, instance_id: int, command: str, time_limit: float) -> CommandResult:
+        host = await self.connected(instance_id)
+        res = await host.run(command, time_limit=time_limit, output_cap=OUTPUT_CAP)
+        return CommandResult(
+            instance_id=instance_id,
+            exit_code=res.exit_code,
+            stdout=self.redact(res.stdout),
+            stderr=self.redact(res.stderr),
+            timed_out=res.timed_out,
+            notes=res.notes(),
+        )
+
+    async def start_job(
+        self,
+        instance_id: int,
+        command: str,
+        *,
+        workdir: str | None,
+        env: Mapping[str, str],
+        secrets: Mapping[str, str],
+    ) -> JobView:
+        """Start `command` detached on the instance. `secrets` reach the job only (a 0600 file on the instance),
+        never a command line, the ledger or any text returned."""
+        row = await self.require_own(instance_id)
+        host = await self.connected(instance_id)
+        self._secrets.update(v for v in secrets.values() if v)
+        status = await start_job(host, command, cwd=workdir, env={**env, **secrets})
+        await self.ledger.record_job(
+            row.row_id,
+            status.job_id,
+            command=self.redact(command)[:500],
+            job_dir=f"{JOBS_DIR}/{status.job_id}",
+            log_path=f"{JOBS_DIR}/{status.job_id}/log",
+        )
+        return job_view(instance_id, status)
+
+    async def tail(
+        self, instance_id: int, job_id: str, *, cursor: int | None, wait: float, max_bytes: int
+    ) -> LogResult:
+        row = await self.require_own(instance_id)
+        host = await self.connected(instance_id)
+        chunk = await tail_job(host, job_id, cursor=cursor, wait=wait, max_bytes=max_bytes)
+        if chunk.status.finished:
+            await self._record_end(row, chunk.status)
+        return LogResult(
+            instance_id=instance_id,
+            job_id=job_id,
+            text=self.redact(chunk.text),
+            cursor=chunk.cursor,
+            next_cursor=chunk.next_cursor,
+            more=chunk.more,
+            state=chunk.status.state,
+            exit_code=chunk.status.exit_code,
+        )
+
+    async def cancel(self, instance_id: int, job_id: str) -> JobView:
+        row = await self.require_own(instance_id)
+        status = await cancel_job(await self.connected(instance_id), job_id)
+        await self._record_end(row, status)
+        return job_view(instance_id, status)
+
+    async def _record_end(self, row: LedgerInstance, status: JobStatus) -> None:
+        with contextlib.suppress(LedgerError):  # a job started outside this session: nothing of ours to update
+            await self.ledger.update_job(row.row_id, status.job_id, status=status.state, exit_code=status.exit_code)
+
     async def destroy(self, instance_id: int, *, foreign_ok: bool = False) -> DestroyResult:
         """Destroy and confirm. Instances this session did not create need `foreign_ok` (the user's say-so)."""
         row = await self.own(instance_id)
@@ -490,4 +572,15 @@ def ready_result(instance_id: int, inst: Instance, host: RemoteHost, info: HostI
         nvidia_smi=info.nvidia_smi,
         disk_free_gb=None if info.disk_free_bytes is None else round(info.disk_free_bytes / 1e9, 1),
         python=info.python_version,
+    )
+
+
+def job_view(instance_id: int, status: JobStatus) -> JobView:
+    return JobView(
+        instance_id=instance_id,
+        job_id=status.job_id,
+        state=status.state,
+        exit_code=status.exit_code,
+        pid=status.pid,
+        log_bytes=status.log_bytes,
     )
