@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,17 @@ def host_keys_fixture(tmp_path: Path) -> HostKeyStore:
     return HostKeyStore.in_state_dir(tmp_path / "state")
 
 
-@pytest.fixture(name="instance")
-async def instance_fixture(tmp_path: Path, client_key: ClientKey) -> AsyncIterator[SimInstance]:
+@asynccontextmanager
+async def sim_instance(
+    disk_parent: Path, key: ClientKey, *, instance_id: int = 4000, env: dict[str, str] | None = None
+) -> AsyncIterator[SimInstance]:
+    """A running instance of the simulated cloud, destroyed (every process, its disk) on the way out."""
     spec = HostSpec(
-        instance_id=4000 + os.getpid() % 1000,
-        disk_dir=tmp_path / "disk",
-        authorized_keys=[client_key.public_line],
-        env={},
-        log_path=tmp_path / "instance.log",
+        instance_id=instance_id,
+        disk_dir=disk_parent / f"disk-{instance_id}",
+        authorized_keys=[key.public_line],
+        env=env or {},
+        log_path=disk_parent / f"instance-{instance_id}.log",
         faults=HostFaults(),
     )
     host = select_backend("sshd").create(spec)
@@ -93,6 +97,12 @@ async def instance_fixture(tmp_path: Path, client_key: ClientKey) -> AsyncIterat
     finally:
         with anyio.fail_after(60), anyio.CancelScope(shield=True):
             await host.destroy()
+
+
+@pytest.fixture(name="instance")
+async def instance_fixture(tmp_path: Path, client_key: ClientKey) -> AsyncIterator[SimInstance]:
+    async with sim_instance(tmp_path, client_key) as instance:
+        yield instance
 
 
 @pytest.fixture(name="remote")
