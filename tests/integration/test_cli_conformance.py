@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from conftest import CliResult, VastaiRunner, make_vastai_runner
+from vastai_runner import CliResult, VastaiRunner, make_vastai_runner
 
 from vast_mcp.sim.server import SimServer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import VastaiRunner
+from vastai_runner import VastaiRunner
 
 from vast_mcp.config import Secret
 from vast_mcp.sim.server import SimServer

@@ -1,0 +1,268 @@
+"""The MCP server through the SDK's in-process `Client`, in both protocol eras, against the simulated cloud with
+real SSH hosts: the granular workflow, consent to cost in every form, the caps, and teardown at session end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from e2e_helpers import alive, make_settings, sim_instances
+from mcp import Client
+from mcp.types import CallToolResult, ElicitResult
+
+from vast_mcp.config import Settings
+from vast_mcp.consent import Caps
+from vast_mcp.server import build_server
+from vast_mcp.sim.server import SimServer
+
+pytestmark = pytest.mark.anyio
+
+ERAS = ["legacy", "auto"]
+SNAPSHOT = Path(__file__).with_name("tools_snapshot.json")
+
+Elicitor = Callable[[Any, Any], Awaitable[ElicitResult]]
+
+
+def answering(action: str, approve: bool = True, seen: list[str] | None = None) -> Elicitor:
+    async def answer(ctx: Any, params: Any) -> ElicitResult:
+        if seen is not None:
+            seen.append(params.message)
+        if action == "accept":
+            return ElicitResult(action="accept", content={"approve": approve})
+        return ElicitResult(action=action)  # type: ignore[arg-type]
+
+    return answer
+
+
+def text(result: CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def cheapest_offer(client: Client) -> int:
+    offers = await call(client, "search_offers", {"num_gpus": 1, "limit": 5})
+    assert offers["offers"], "the simulated catalogue has single-GPU offers"
+    return int(offers["offers"][0]["offer_id"])
+
+
+def create_args(offer_id: int, **extra: Any) -> dict[str, Any]:
+    return {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 20, **extra}
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_granular_workflow(mode: str, settings: Settings, cloud_server: SimServer) -> None:
+    progress: list[str] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
+    async with Client(build_server(settings), mode=mode, elicitation_callback=answering("accept")) as client:
+        offer_id = await cheapest_offer(client)
+        created = await call(client, "create_instance", create_args(offer_id))
+        assert created["status"] == "created" and created["approved_by"] == "user"
+        iid = created["instance_id"]
+        ready: dict[str, Any] = {"ready": False}
+        for _ in range(5):
+            result = await client.call_tool(
+                "wait_ready", {"instance_id": iid, "timeout_s": 30}, progress_callback=on_progress
+            )
+            assert not result.is_error, text(result)
+            ready = result.structured_content or {}
+            if ready["ready"]:
+                break
+        assert ready["ready"], ready
+        assert ready["python"]
+        command = "for i in 1 2 3; do echo step $i; done; exit 3"
+        job = await call(client, "exec_background", {"instance_id": iid, "command": command})
+        cursor, log, state = 0, "", "running"
+        for _ in range(10):
+            chunk = await call(
+                client, "tail_log", {"instance_id": iid, "job_id": job["job_id"], "cursor": cursor, "wait_s": 5}
+            )
+            log += chunk["text"]
+            cursor = chunk["next_cursor"]
+            state = chunk["state"]
+            if state != "running" and not chunk["more"]:
+                break
+        assert log == "step 1\nstep 2\nstep 3\n"
+        assert (state, chunk["exit_code"]) == ("exited", 3)
+        listed = await call(client, "list_instances", {})
+        assert [r["instance_id"] for r in listed["instances"]] == [iid]
+        destroyed = await call(client, "destroy", {"instance_id": iid})
+        assert destroyed["confirmed"] is True
+    assert not alive(cloud_server)
+    assert any("instance" in p for p in progress)
+
+
+@pytest.mark.parametrize("mode", ERAS)
+@pytest.mark.parametrize("action", ["decline", "cancel", "reject"])
+async def test_user_says_no(mode: str, action: str, settings: Settings, cloud_server: SimServer) -> None:
+    seen: list[str] = []
+    elicitor = answering("accept", approve=False, seen=seen) if action == "reject" else answering(action, seen=seen)
+    async with Client(build_server(settings), mode=mode, elicitation_callback=elicitor) as client:
+        offer_id = await cheapest_offer(client)
+        created = await call(client, "create_instance", create_args(offer_id))
+    assert created["status"] == "declined"
+    assert seen and "$" in seen[0] and "Projected cost" in seen[0]
+    assert sim_instances(cloud_server) == []
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_quote_id_fallback_without_elicitation(mode: str, settings: Settings, cloud_server: SimServer) -> None:
+    async with Client(build_server(settings), mode=mode) as client:
+        offer_id = await cheapest_offer(client)
+        pending = await call(client, "create_instance", create_args(offer_id))
+        assert pending["status"] == "approval_required"
+        assert sim_instances(cloud_server) == []
+        quote_id = pending["quote"]["quote_id"]
+
+        mismatch = await client.call_tool("create_instance", create_args(offer_id, disk_gb=40, quote_id=quote_id))
+        assert mismatch.is_error and "instead of" in text(mismatch)
+        created = await call(client, "create_instance", create_args(offer_id, quote_id=quote_id))
+        assert created["status"] == "created" and created["approved_by"] == "quote_id"
+        reused = await client.call_tool("create_instance", create_args(offer_id, quote_id=quote_id))
+        assert reused.is_error and "already paid" in text(reused)
+        forged = await client.call_tool("create_instance", create_args(offer_id, quote_id="q-made-up"))
+        assert forged.is_error and "not one this server issued" in text(forged)
+    assert len(sim_instances(cloud_server)) == 1
+
+
+async def test_quote_expires(cloud_server: SimServer, tmp_path: Path) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", Caps(quote_ttl_s=0.5))
+    async with Client(build_server(settings), mode="legacy") as client:
+        offer_id = await cheapest_offer(client)
+        pending = await call(client, "create_instance", create_args(offer_id))
+        await anyio.sleep(0.7)
+        late = await client.call_tool("create_instance", create_args(offer_id, quote_id=pending["quote"]["quote_id"]))
+    assert late.is_error and "expired" in text(late)
+    assert sim_instances(cloud_server) == []
+
+
+@pytest.mark.parametrize(
+    ("caps", "needle"),
+    [
+        (Caps(max_dph=0.01), "VAST_MCP_MAX_DPH"),
+        (Caps(max_session_usd=0.01), "VAST_MCP_MAX_SESSION_USD"),
+        (Caps(max_instances=0), "VAST_MCP_MAX_INSTANCES"),
+    ],
+)
+async def test_caps_hold_whatever_the_user_says(
+    caps: Caps, needle: str, cloud_server: SimServer, tmp_path: Path
+) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", caps)
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        offer_id = await cheapest_offer(client)
+        refused = await client.call_tool("create_instance", create_args(offer_id))
+    assert refused.is_error and needle in text(refused)
+    assert sim_instances(cloud_server) == []
+
+
+async def test_instance_cap_counts_live_instances(cloud_server: SimServer, tmp_path: Path) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", Caps(max_instances=1))
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        offers = await call(client, "search_offers", {"num_gpus": 1, "limit": 5})
+        first, second = (o["offer_id"] for o in offers["offers"][:2])
+        created = await call(client, "create_instance", create_args(first))
+        refused = await client.call_tool("create_instance", create_args(second))
+        assert refused.is_error and "VAST_MCP_MAX_INSTANCES" in text(refused)
+        await call(client, "destroy", {"instance_id": created["instance_id"]})
+        again = await call(client, "create_instance", create_args(second))
+        assert again["status"] == "created"
+
+
+async def test_auto_approve_needs_no_question(cloud_server: SimServer, tmp_path: Path) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", Caps(auto_approve_dph=100.0))
+    seen: list[str] = []
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("decline", seen=seen)) as c:
+        created = await call(c, "create_instance", create_args(await cheapest_offer(c)))
+    assert created["approved_by"] == "auto_approve"
+    assert seen == []
+
+
+async def test_session_end_destroys_everything_not_kept(settings: Settings, cloud_server: SimServer) -> None:
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        offers = await call(client, "search_offers", {"num_gpus": 1, "limit": 5})
+        ids = []
+        for offer in offers["offers"][:2]:
+            ids.append((await call(client, "create_instance", create_args(offer["offer_id"])))["instance_id"])
+        await call(client, "keep_instance", {"instance_id": ids[1], "keep": True})
+    rows = {r["id"]: r for r in sim_instances(cloud_server)}
+    assert rows[ids[0]]["destroyed"] and not rows[ids[0]]["alive_pids"]
+    assert not rows[ids[1]]["destroyed"], "the user asked to keep this one"
+
+
+async def test_foreign_instances_need_the_users_say_so(settings: Settings, cloud_server: SimServer) -> None:
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as first:
+        iid = (await call(first, "create_instance", create_args(await cheapest_offer(first))))["instance_id"]
+        await call(first, "keep_instance", {"instance_id": iid, "keep": True})
+    async with Client(build_server(settings), mode="legacy") as second:
+        refused = await second.call_tool("destroy", {"instance_id": iid})
+        assert refused.is_error and "confirm_not_mine" in text(refused)
+        assert not {r["id"]: r for r in sim_instances(cloud_server)}[iid]["destroyed"]
+        wait = await second.call_tool("wait_ready", {"instance_id": iid})
+        assert wait.is_error and "list_instances" in text(wait)
+        done = await call(second, "destroy", {"instance_id": iid, "confirm_not_mine": True})
+        assert done["confirmed"]
+    assert not alive(cloud_server)
+
+
+async def test_bad_arguments_are_tool_errors(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        for tool, args in [
+            ("search_offers", {"query": "gpu_ram => 24"}),
+            ("search_offers", {"limit": 0}),
+            ("create_instance", {"offer_id": 1, "max_runtime_hours": 1}),
+            ("create_instance", {"offer_id": 1, "max_runtime_hours": -1, "image": "x"}),
+            ("wait_ready", {"instance_id": 123}),
+            ("tail_log", {"instance_id": 123, "job_id": "x"}),
+        ]:
+            result = await client.call_tool(tool, args)
+            assert result.is_error, (tool, args)
+            assert "Traceback" not in text(result)
+            assert text(result) != f"Error executing tool {tool}", f"{tool} hid its reason"
+
+
+async def test_tools_list_snapshot(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        tools = (await client.list_tools()).tools
+        prompts = (await client.list_prompts()).prompts
+    current = {
+        "tools": {
+            t.name: {
+                "title": t.title,
+                "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations else None,
+                "input": t.input_schema,
+                "output_keys": sorted((t.output_schema or {}).get("properties", {})),
+            }
+            for t in tools
+        },
+        "prompts": {p.name: [a.name for a in p.arguments or []] for p in prompts},
+    }
+    for tool in tools:
+        annotations = tool.annotations
+        assert annotations is not None and annotations.title, tool.name
+        hints = (annotations.read_only_hint, annotations.destructive_hint, annotations.idempotent_hint)
+        assert None not in hints and annotations.open_world_hint is not None, tool.name
+        assert tool.description and len(tool.description) > 80, tool.name
+    if not SNAPSHOT.exists():
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text()), "tool schemas changed: delete the snapshot to accept them"
+
+
+async def test_run_job_prompt(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        prompt = await client.get_prompt("run-job", {"job": "train tiny.py on one RTX 4090, fetch out/"})
+    body = prompt.messages[0].content.text  # type: ignore[union-attr]
+    assert "train tiny.py on one RTX 4090" in body
+    for tool in ("search_offers", "create_instance", "wait_ready", "exec_background", "tail_log", "destroy"):
+        assert tool in body
