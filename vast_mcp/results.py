@@ -129,12 +129,15 @@ class TransferResult(BaseModel):
     seconds: float
     destination: str
     refused: list[str] = Field(default_factory=list, description="Archive members refused as unsafe.")
+    missing: list[str] = Field(default_factory=list, description="Requested remote paths that matched nothing.")
 
     def summary(self) -> str:
         mb = self.bytes / 1e6
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         skipped = f", {self.skipped_files} unchanged file(s) skipped" if self.skipped_files else ""
         refused = f"\nRefused as unsafe: {', '.join(self.refused[:10])}" if self.refused else ""
+        if self.missing:
+            refused += f"\nMatched nothing on the instance: {', '.join(self.missing[:10])}"
         verb = "Uploaded" if self.direction == "upload" else "Downloaded"
         return (
             f"{verb} {self.files} file(s), {mb:.1f} MB in {self.seconds:.1f} s ({rate:.1f} MB/s){skipped} to "

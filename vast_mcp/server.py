@@ -32,6 +32,7 @@ from .results import (
     LogResult,
     OffersResult,
     ReadyResult,
+    TransferResult,
 )
 from .service import ApprovedBy, CreateRequest, Service, quote_view
 from .vast.query import OfferFilters
@@ -40,6 +41,7 @@ log = logging.getLogger("vast_mcp.server")
 
 PROMPT_PATH = Path(__file__).resolve().parent.parent / "prompts" / "run-job.md"
 MAX_CALL_S = 45.0
+DOWNLOAD_BOUND_S = 300.0  # a partial download is worth nothing, so it gets longer (with progress all along)
 
 INSTRUCTIONS = """\
 Runs GPU jobs on Vast.ai rentals. Renting costs the user money from create_instance until destroy. The usual
@@ -369,6 +371,85 @@ def build_server(settings: Settings) -> MCPServer:
             result = await service.list_session()
         what = "kept after the session ends (it keeps billing)" if keep else "destroyed when the session ends"
         return _result(result, f"Instance {instance_id} will be {what}.\n" + result.summary())
+
+    @mcp.tool(
+        title="Upload files",
+        annotations=ToolAnnotations(
+            title="Upload files", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+            open_world_hint=True,
+        ),
+    )  # fmt: skip
+    async def upload(
+        ctx: Context[Service, Any],
+        instance_id: InstanceId,
+        local_paths: Annotated[
+            list[str],
+            Field(min_length=1, max_length=100, description="Local files or folders (relative to the project root)."),
+        ],
+        remote_dir: Annotated[
+            str, Field(min_length=1, max_length=1000, description="Folder on the instance; '~' is /root.")
+        ] = "~",
+        exclude: Annotated[
+            list[str] | None,
+            Field(max_length=200, description=".gitignore-style patterns to skip, e.g. ['*.pyc', '.venv/', 'data/']."),
+        ] = None,
+        use_gitignore: Annotated[bool, Field(description="Also skip what the folders' .gitignore files list.")] = False,
+    ) -> Annotated[CallToolResult, TransferResult]:
+        """Copy local files/folders to the instance (each under its own name in remote_dir) as one tar stream.
+
+        Files already there with the same size and time are skipped, so uploading again after a small edit is
+        fast, and an upload cut off by the 45 s bound continues where it stopped when called again. Compression
+        is used only where it pays. Local paths must be inside the folders the server may read (VAST_MCP_ROOTS).
+        Upload time is billed instance time.
+        """
+        with _agent_errors():
+            with anyio.move_on_after(MAX_CALL_S) as bound:
+                result = await _service(ctx).upload(
+                    instance_id, local_paths, remote_dir, exclude or [], use_gitignore, _progress(ctx)
+                )
+            if bound.cancelled_caught:
+                raise ToolError(
+                    f"The upload is not finished after {MAX_CALL_S:.0f} s (a large tree or a slow link). Call upload "
+                    "again with the same arguments: files already complete on the instance are skipped."
+                )
+        return _result(result, result.summary())
+
+    @mcp.tool(
+        title="Download results",
+        annotations=ToolAnnotations(
+            title="Download results", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+            open_world_hint=True,
+        ),
+    )  # fmt: skip
+    async def download(
+        ctx: Context[Service, Any],
+        instance_id: InstanceId,
+        remote_paths: Annotated[
+            list[str],
+            Field(
+                min_length=1,
+                max_length=100,
+                description="Files or folders on the instance; globs in the last part ('out/*.pt'); relative to ~.",
+            ),
+        ],
+        local_dir: Annotated[
+            str, Field(min_length=1, max_length=1000, description="Local folder to put them in (created if needed).")
+        ],
+    ) -> Annotated[CallToolResult, TransferResult]:
+        """Copy files/folders from the instance into a local folder, each under its own name.
+
+        Safe extraction: nothing lands outside local_dir (absolute names, '..', outside links and device files are
+        refused and listed), every file's SHA-256 is checked against the instance's. Do this before destroy.
+        """
+        with _agent_errors():
+            with anyio.move_on_after(DOWNLOAD_BOUND_S) as bound:
+                result = await _service(ctx).download(instance_id, remote_paths, local_dir, _progress(ctx))
+            if bound.cancelled_caught:
+                raise ToolError(
+                    f"The download did not finish within {DOWNLOAD_BOUND_S:.0f} s. Download fewer or smaller paths "
+                    "per call (e.g. one checkpoint at a time), or compress them on the instance first."
+                )
+        return _result(result, result.summary())
 
     @mcp.tool(
         title="Start a background job",

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -23,6 +24,7 @@ from .errors import (
     LedgerError,
     OfferUnavailableError,
     SSHUnavailableError,
+    TransferError,
     VastAPIError,
     VastMCPError,
 )
@@ -32,6 +34,7 @@ from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.hostkeys import HostKeyStore
 from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
+from .remote.transfer import TransferProgress, download, upload
 from .results import (
     CommandResult,
     CreateResult,
@@ -44,6 +47,7 @@ from .results import (
     OffersResult,
     QuoteView,
     ReadyResult,
+    TransferResult,
 )
 from .vast.client import VastClient
 from .vast.create import build_create_body
@@ -418,16 +422,93 @@ class Service:
         return self._host(instance_id, address)
 
     async def connected(self, instance_id: int) -> RemoteHost:
-        """The SSH connection of one of this session's running instances."""
+        """The SSH connection of one of this session's instances (direct address when published, else proxy)."""
         await self.require_own(instance_id)
         inst = await self.client.show_instance(instance_id)
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
-        if inst.actual_status != "running":
+        if inst.actual_status in FAILED_STATUSES or inst.actual_status == "stopped":
             raise SSHUnavailableError(
-                f"Instance {instance_id} is {inst.actual_status or 'not running yet'}. Call wait_ready first."
+                f"Instance {instance_id} is {inst.actual_status} ({inst.status_msg or 'no message'}); its files "
+                "cannot be reached. Destroy it, or start it again if it was stopped."
             )
         return self.remote(instance_id, inst)
+
+    # --- files -------------------------------------------------------------------------------------------------
+
+    def local_path(self, raw: str, *, must_exist: bool) -> Path:
+        """`raw` resolved (relative to the first allowed root) and checked to lie inside an allowed root."""
+        roots = self.settings.roots
+        path = Path(raw).expanduser()
+        path = (path if path.is_absolute() else roots[0] / path).resolve()
+        if not any(path == root or path.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise TransferError(
+                f"{raw} is outside the folders this server may touch ({allowed}). Use a path inside them, or "
+                "start the server with VAST_MCP_ROOTS naming the folder."
+            )
+        if must_exist and not path.exists():
+            raise TransferError(f"{path} does not exist. Check the path (relative paths start at {roots[0]}).")
+        return path
+
+    async def upload(
+        self,
+        instance_id: int,
+        local_paths: list[str],
+        remote_dir: str,
+        exclude: list[str],
+        use_gitignore: bool,
+        progress: Progress = _no_progress,
+    ) -> TransferResult:
+        sources = [self.local_path(p, must_exist=True) for p in local_paths]
+        host = await self.connected(instance_id)
+
+        async def report(p: TransferProgress) -> None:
+            await progress(p.done_bytes, p.total_bytes, f"uploaded {p.done_bytes / 1e6:.1f} MB")
+
+        res = await upload(host, sources, remote_dir, exclude=exclude, use_gitignore=use_gitignore, on_progress=report)
+        return TransferResult(
+            instance_id=instance_id,
+            direction="upload",
+            files=res.files_total,
+            bytes=res.bytes_total,
+            sent_bytes=res.wire_bytes,
+            skipped_files=res.files_unchanged,
+            seconds=round(res.seconds, 3),
+            destination=f"instance {instance_id}:{res.remote_dir}",
+        )
+
+    async def download(
+        self, instance_id: int, remote_paths: list[str], local_dir: str, progress: Progress = _no_progress
+    ) -> TransferResult:
+        dest = self.local_path(local_dir, must_exist=False)
+        host = await self.connected(instance_id)
+
+        async def report(p: TransferProgress) -> None:
+            await progress(p.done_bytes, p.total_bytes, f"downloaded {p.done_bytes / 1e6:.1f} MB")
+
+        res = await download(host, remote_paths, dest, on_progress=report)
+        if res.missing and not res.files:
+            raise TransferError(
+                f"Nothing on instance {instance_id} matches {', '.join(res.missing)}. Check the paths with "
+                "run_command (e.g. ls); relative paths start at the home directory."
+            )
+        if res.mismatched:
+            raise TransferError(
+                f"{len(res.mismatched)} file(s) changed on the instance while downloading or arrived corrupted "
+                f"({', '.join(res.mismatched[:5])}). Download again once the job has finished writing them."
+            )
+        return TransferResult(
+            instance_id=instance_id,
+            direction="download",
+            files=res.files,
+            bytes=res.bytes,
+            sent_bytes=res.wire_bytes,
+            seconds=round(res.seconds, 3),
+            destination=str(res.local_dir),
+            refused=res.refused,
+            missing=res.missing,
+        )
 
     # --- commands and background jobs ------------------------------------------------------------------------
 

@@ -60,7 +60,12 @@ def create_args(offer_id: int, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_granular_workflow(mode: str, settings: Settings, cloud_server: SimServer) -> None:
+async def test_granular_workflow(mode: str, settings: Settings, cloud_server: SimServer, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "train.sh").write_text("mkdir -p out && sort data/numbers.txt > out/sorted.txt && echo trained\n")
+    (project / "data" / "numbers.txt").write_text("".join(f"{n}\n" for n in (3, 1, 2)))
+    (project / "data" / "skip.tmp").write_text("not uploaded")
     progress: list[str] = []
 
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
@@ -82,7 +87,11 @@ async def test_granular_workflow(mode: str, settings: Settings, cloud_server: Si
                 break
         assert ready["ready"], ready
         assert ready["python"]
-        command = "for i in 1 2 3; do echo step $i; done; exit 3"
+        sent = await call(client, "upload", {"instance_id": iid, "local_paths": [str(project)], "exclude": ["*.tmp"]})
+        assert sent["files"] == 2
+        again = await call(client, "upload", {"instance_id": iid, "local_paths": [str(project)], "exclude": ["*.tmp"]})
+        assert again["skipped_files"] == 2
+        command = "cd project && sh train.sh && for i in 1 2 3; do echo step $i; done; exit 3"
         job = await call(client, "exec_background", {"instance_id": iid, "command": command})
         cursor, log, state = 0, "", "running"
         for _ in range(10):
@@ -94,8 +103,19 @@ async def test_granular_workflow(mode: str, settings: Settings, cloud_server: Si
             state = chunk["state"]
             if state != "running" and not chunk["more"]:
                 break
-        assert log == "step 1\nstep 2\nstep 3\n"
+        assert log == "trained\nstep 1\nstep 2\nstep 3\n"
         assert (state, chunk["exit_code"]) == ("exited", 3)
+        got = await call(
+            client,
+            "download",
+            {"instance_id": iid, "remote_paths": ["project/out"], "local_dir": str(tmp_path / "res")},
+        )
+        assert got["files"] == 1
+        assert (tmp_path / "res" / "out" / "sorted.txt").read_text() == "1\n2\n3\n"
+        outside = await client.call_tool(
+            "download", {"instance_id": iid, "remote_paths": ["project/out"], "local_dir": "/etc/vast-mcp-test"}
+        )
+        assert outside.is_error and "outside the folders" in text(outside)
         listed = await call(client, "list_instances", {})
         assert [r["instance_id"] for r in listed["instances"]] == [iid]
         destroyed = await call(client, "destroy", {"instance_id": iid})
