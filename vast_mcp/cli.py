@@ -64,10 +64,23 @@ def _add_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(handler=run)
 
 
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("demo", help="run the whole workflow on the simulated cloud (no account needed)")
+    p.add_argument("--results", default="vast-demo-results", help="folder for the downloaded results")
+
+    def run(args: argparse.Namespace) -> int:
+        from .demo.run import main as demo_main
+
+        return demo_main(args.results)
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vast-mcp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vast-mcp {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
     _add_serve(sub)
     _add_sim(sub)
     _add_reap(sub)
