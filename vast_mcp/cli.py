@@ -76,6 +76,17 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("doctor", help="check the API key, the API, SSH key registration and the state directory")
+
+    def run(args: argparse.Namespace) -> int:
+        from .entry import doctor
+
+        return doctor()
+
+    p.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vast-mcp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vast-mcp {__version__}")
@@ -85,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_reap(sub)
     _add_ledger(sub)
+    _add_doctor(sub)
     return parser
 
 

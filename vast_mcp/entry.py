@@ -6,10 +6,11 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import anyio
 
-from .config import Settings
+from .config import Settings, default_state_dir
 from .ledger import Ledger, account_scope, format_ledger, ledger_path
 from .reaper import ReapReport, reap_dead_sessions, reap_session
 from .vast.client import VastClient
@@ -65,10 +66,6 @@ def reap(*, session_id: str | None, within: float) -> int:
 def ledger(*, live_only: bool) -> int:
     """`vast-mcp ledger`: what is tracked, with cost (reads the state directory only; no API key needed)."""
     state = os.environ.get("VAST_MCP_STATE_DIR")
-    from pathlib import Path
-
-    from .config import default_state_dir
-
     path = ledger_path(Path(state).expanduser() if state else default_state_dir())
     if not path.exists():
         print(f"No ledger at {path}: nothing has been rented from this machine yet.")
@@ -80,3 +77,79 @@ def ledger(*, live_only: bool) -> int:
 
     print(anyio.run(run))
     return 0
+
+
+def doctor() -> int:
+    """`vast-mcp doctor`: check the key, the API, the SSH key registration and the state directory; say how to fix."""
+    from .config import allowed_roots, find_api_key, vast_url
+    from .errors import VastMCPError
+    from .remote.keys import load_client_key
+
+    problems = 0
+
+    def report(ok: bool, what: str, fix: str = "") -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"[{'ok' if ok else 'FAIL'}] {what}" + ("" if ok or not fix else f"\n       fix: {fix}"), flush=True)
+
+    found = find_api_key()
+    report(
+        found is not None,
+        f"API key: {'found in ' + found[1] if found else 'not found'}",
+        "set VAST_API_KEY (or run `vastai set api-key KEY`); create a key at https://cloud.vast.ai/manage-keys/",
+    )
+    url = vast_url()
+    state = os.environ.get("VAST_MCP_STATE_DIR")
+    state_dir = Path(state).expanduser() if state else default_state_dir()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = state_dir / ".doctor"
+        probe.write_text("ok")
+        probe.unlink()
+        report(True, f"state directory {state_dir} is writable")
+    except OSError as exc:
+        report(False, f"state directory {state_dir} is not writable ({exc})", "set VAST_MCP_STATE_DIR to a folder")
+    report(True, f"local folders for uploads/downloads: {', '.join(str(r) for r in allowed_roots())}")
+    try:
+        from .consent import Caps
+
+        caps = Caps.from_env()
+        report(
+            True,
+            f"caps: max $/hr {caps.max_dph or 'none'}, session ${caps.max_session_usd or 'none'}, "
+            f"{caps.max_instances or 'no'} instance cap, auto-approve "
+            + (f"≤ ${caps.auto_approve_dph}/hr" if caps.auto_approve_dph is not None else "never"),
+        )
+    except VastMCPError as exc:
+        report(False, f"caps: {exc}")
+    if found is None:
+        return 1
+
+    configured = os.environ.get("VAST_MCP_SSH_KEY")
+    key_path = Path(configured).expanduser() if configured else None
+
+    async def remote_checks() -> None:
+        key = await load_client_key(state_dir, key_path)
+        report(True, f"SSH key {key.path} ({key.fingerprint})")
+        async with VastClient(found[0], url, budget=15) as client:
+            try:
+                user = await client.current_user()
+            except VastMCPError as exc:
+                report(False, f"Vast API at {url}: {exc}", "check VAST_URL and the network")
+                return
+            balance = user.credit if user.credit is not None else user.balance
+            report(True, f"Vast API at {url}: key accepted (account {user.email or user.id}, credit {balance})")
+            keys = await client.list_ssh_keys()
+            ours = key.public_line.split()[1]
+            registered = any(len(k.text.split()) > 1 and k.text.split()[1] == ours for k in keys)
+            report(
+                registered,
+                "SSH key registered on the account" if registered else "SSH key not registered on the account yet",
+                "nothing to do: the server registers it before the first rent (or `vastai create ssh-key`)",
+            )
+            live = [i for i in await client.list_instances() if i.actual_status not in (None,)]
+            report(True, f"{len(live)} instance(s) on the account now")
+
+    anyio.run(remote_checks)
+    print("all good" if not problems else f"{problems} problem(s) found", flush=True)
+    return 1 if problems else 0
