@@ -143,12 +143,12 @@ def doctor() -> int:
             ours = key.public_line.split()[1]
             registered = any(len(k.text.split()) > 1 and k.text.split()[1] == ours for k in keys)
             report(
-                registered,
-                "SSH key registered on the account" if registered else "SSH key not registered on the account yet",
-                "nothing to do: the server registers it before the first rent (or `vastai create ssh-key`)",
+                True,
+                "SSH key registered on the account"
+                if registered
+                else "SSH key not registered on the account yet (the server registers it before the first rent)",
             )
-            live = [i for i in await client.list_instances() if i.actual_status not in (None,)]
-            report(True, f"{len(live)} instance(s) on the account now")
+            report(True, f"{len(await client.list_instances())} instance(s) on the account now")
 
     anyio.run(remote_checks)
     print("all good" if not problems else f"{problems} problem(s) found", flush=True)
