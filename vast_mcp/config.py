@@ -90,6 +90,28 @@ def default_state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "vast-mcp"
 
 
+DEFAULT_LEASE_S = 1800.0
+
+
+def lease_from_env() -> float | None:
+    """`VAST_MCP_LEASE_S`: seconds an instance outlives the server's last heartbeat; `none` (or 0) disables."""
+    raw = os.environ.get("VAST_MCP_LEASE_S", "").strip().lower()
+    if not raw:
+        return DEFAULT_LEASE_S
+    if raw in ("none", "off", "0"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 10 <= value <= 7 * 86400:
+        raise ConfigError(
+            f"VAST_MCP_LEASE_S={raw!r} is not a number of seconds between 10 and 604800 (or `none`). Set it, e.g. "
+            "1800 for half an hour, then restart the server."
+        )
+    return value
+
+
 def allowed_roots() -> list[Path]:
     """Local folders uploads may read and downloads may write: `VAST_MCP_ROOTS` (os.pathsep-separated), else the
     working directory (the home directory when that is `/`, as for desktop hosts)."""
@@ -110,6 +132,7 @@ class Settings:
     caps: Caps = field(default_factory=Caps)
     ssh_key_path: Path | None = None  # None: the server's own key pair in the state dir
     roots: list[Path] = field(default_factory=allowed_roots)
+    lease_s: float | None = DEFAULT_LEASE_S  # dead-man's switch: None disables it
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -122,4 +145,5 @@ class Settings:
             caps=Caps.from_env(),
             ssh_key_path=Path(key_path).expanduser() if key_path else None,
             roots=allowed_roots(),
+            lease_s=lease_from_env(),
         )

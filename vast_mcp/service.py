@@ -19,6 +19,7 @@ import anyio
 
 from .config import Settings
 from .consent import Quote, QuoteBook, check_caps, needs_user_approval, price_recheck
+from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
 from .errors import (
     ConsentError,
     LedgerError,
@@ -145,6 +146,7 @@ class Service:
         self.hosts = RemoteHosts(key, HostKeyStore.in_state_dir(settings.state_dir))
         self._key_registered = False
         self._secrets: set[str] = set()
+        self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._create_lock = anyio.Lock()
 
     @classmethod
@@ -173,12 +175,21 @@ class Service:
     # --- background duties ------------------------------------------------------------------------------------
 
     async def heartbeat_forever(self) -> None:
+        """Keep this session alive in the ledger, and feed the dead-man's switch of every reachable instance."""
+        lease = self.settings.lease_s
+        period = HEARTBEAT_S if lease is None else min(HEARTBEAT_S, lease / 4)
         while True:
-            await anyio.sleep(HEARTBEAT_S)
+            await anyio.sleep(period)
             try:
                 await self.ledger.heartbeat(self.session_id)
             except VastMCPError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            for instance_id, host in list(self._beating.items()):
+                with anyio.move_on_after(min(period, 10.0)):
+                    try:
+                        await host.check(HEARTBEAT_COMMAND, time_limit=10.0)
+                    except VastMCPError as exc:
+                        log.info("heartbeat to instance %s missed: %s", instance_id, exc)
 
     async def reap_dead_sessions(self) -> ReapReport:
         """Destroy what servers that died on this account left behind (run at start-up)."""
@@ -279,7 +290,7 @@ class Service:
                 template_hash=request.template_hash,
                 disk_gb=request.disk_gb,
                 label=row.label,
-                onstart=request.onstart,
+                onstart=self._onstart(request.onstart),
                 env=params["env"],
             )
         except (OfferUnavailableError, ConsentError) as exc:
@@ -309,6 +320,12 @@ class Service:
             label=row.label,
             approved_by=approved_by,
         )
+
+    def _onstart(self, onstart: str | None) -> str | None:
+        lease = self.settings.lease_s
+        if lease is None:
+            return onstart
+        return onstart_with_watchdog(onstart, api_url=self.settings.vast_url, lease_s=lease)
 
     async def _find_lost(self, row: LedgerInstance) -> int | None:
         try:
@@ -373,6 +390,7 @@ class Service:
             except SSHUnavailableError:
                 return
             current = latest[-1] if latest else inst
+            self._beating[instance_id] = host
             finish(ready_result(instance_id, current, host, info, time.monotonic() - started), scope)
 
         async with anyio.create_task_group() as tg:
@@ -432,7 +450,9 @@ class Service:
                 f"Instance {instance_id} is {inst.actual_status} ({inst.status_msg or 'no message'}); its files "
                 "cannot be reached. Destroy it, or start it again if it was stopped."
             )
-        return self.remote(instance_id, inst)
+        host = self.remote(instance_id, inst)
+        self._beating[instance_id] = host
+        return host
 
     # --- files -------------------------------------------------------------------------------------------------
 
@@ -607,11 +627,17 @@ class Service:
         if row is not None:
             done = await self.ledger.mark_destroyed(row.row_id)
             accrued = round(done.accrued(time.time()), 4)
+        self._beating.pop(instance_id, None)
         await self.hosts.forget(f"{self.scope}/{instance_id}")
         return DestroyResult(instance_id=instance_id, confirmed=True, accrued_usd=accrued)
 
     async def keep(self, instance_id: int, keep: bool) -> LedgerInstance:
+        """Mark an instance to survive (or not) the session's end, and disarm (or re-arm) its dead-man's switch."""
         row = await self.require_own(instance_id)
+        if self.settings.lease_s is not None:
+            # The watchdog inside must hear it too, or it would destroy a kept instance once we stop beating.
+            host = await self.connected(instance_id)
+            await host.check(keep_command(keep), time_limit=20.0)
         return await self.ledger.set_keep(row.row_id, keep)
 
     async def list_session(self) -> InstancesResult:

@@ -55,6 +55,14 @@ async def cheapest_offer(client: Client) -> int:
     return int(offers["offers"][0]["offer_id"])
 
 
+async def wait_until_ready(client: Client, instance_id: int) -> dict[str, Any]:
+    for _ in range(5):
+        ready = await call(client, "wait_ready", {"instance_id": instance_id, "timeout_s": 30})
+        if ready["ready"]:
+            return ready
+    raise AssertionError(f"instance {instance_id} never became ready")
+
+
 def create_args(offer_id: int, **extra: Any) -> dict[str, Any]:
     return {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 20, **extra}
 
@@ -76,16 +84,12 @@ async def test_granular_workflow(mode: str, settings: Settings, cloud_server: Si
         created = await call(client, "create_instance", create_args(offer_id))
         assert created["status"] == "created" and created["approved_by"] == "user"
         iid = created["instance_id"]
-        ready: dict[str, Any] = {"ready": False}
-        for _ in range(5):
-            result = await client.call_tool(
-                "wait_ready", {"instance_id": iid, "timeout_s": 30}, progress_callback=on_progress
-            )
-            assert not result.is_error, text(result)
-            ready = result.structured_content or {}
-            if ready["ready"]:
-                break
-        assert ready["ready"], ready
+        args = {"instance_id": iid, "timeout_s": 30}
+        result = await client.call_tool("wait_ready", args, progress_callback=on_progress)
+        assert not result.is_error, text(result)
+        ready = result.structured_content or {}
+        if not ready["ready"]:
+            ready = await wait_until_ready(client, iid)
         assert ready["python"]
         sent = await call(client, "upload", {"instance_id": iid, "local_paths": [str(project)], "exclude": ["*.tmp"]})
         assert sent["files"] == 2
@@ -215,6 +219,7 @@ async def test_session_end_destroys_everything_not_kept(settings: Settings, clou
         ids = []
         for offer in offers["offers"][:2]:
             ids.append((await call(client, "create_instance", create_args(offer["offer_id"])))["instance_id"])
+        await wait_until_ready(client, ids[1])
         await call(client, "keep_instance", {"instance_id": ids[1], "keep": True})
     rows = {r["id"]: r for r in sim_instances(cloud_server)}
     assert rows[ids[0]]["destroyed"] and not rows[ids[0]]["alive_pids"]
@@ -224,6 +229,7 @@ async def test_session_end_destroys_everything_not_kept(settings: Settings, clou
 async def test_foreign_instances_need_the_users_say_so(settings: Settings, cloud_server: SimServer) -> None:
     async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as first:
         iid = (await call(first, "create_instance", create_args(await cheapest_offer(first))))["instance_id"]
+        await wait_until_ready(first, iid)
         await call(first, "keep_instance", {"instance_id": iid, "keep": True})
     async with Client(build_server(settings), mode="legacy") as second:
         refused = await second.call_tool("destroy", {"instance_id": iid})

@@ -135,3 +135,25 @@ async def test_sigkill_then_reap_command(cloud_server: SimServer, tmp_path: Path
     assert not alive(cloud_server)
     ledger = await anyio.run_process([sys.executable, "-m", "vast_mcp", "ledger"], env=env, check=False)
     assert b"destroyed" in ledger.stdout
+
+
+async def test_dead_mans_switch_destroys_the_instance_when_the_server_never_comes_back(
+    cloud_server: SimServer, tmp_path: Path
+) -> None:
+    params = server_params(cloud_server, tmp_path / "state")
+    assert params.env is not None
+    params.env["VAST_MCP_LEASE_S"] = "10"
+    with pytest.raises(BaseException):  # noqa: B017
+        async with Client(params, mode="legacy") as client:
+            iid = await rent(client)
+            ready = await client.call_tool("wait_ready", {"instance_id": iid, "timeout_s": 30})
+            assert (ready.structured_content or {}).get("ready"), ready.content
+            (pid,) = server_pids()
+            os.kill(pid, signal.SIGKILL)
+            await anyio.sleep(1)
+            await client.call_tool("list_instances", {})
+    assert [r["id"] for r in alive(cloud_server)] == [iid]
+    assert await settle(lambda: not alive(cloud_server), within=90), "the instance destroys itself"
+    deletes = [r for r in cloud_server.cloud.request_log if r["method"] == "DELETE"]
+    assert [r["route"] for r in deletes] == [f"/api/v0/instances/{iid}"]
+    assert "curl" in (deletes[0]["user_agent"] or ""), "the destroy came from inside the instance"
