@@ -226,6 +226,9 @@ class SafeExtractor:
         self.report = ExtractReport()
         self._symlinks: list[tuple[str, str]] = []
         self._written: set[str] = set()
+        # Folders already checked to resolve inside dest. They stay valid: symlinks are placed last and never
+        # replace a folder, and files never replace one either.
+        self._safe_dirs: set[str] = {self.root}
 
     def _refuse(self, name: str, why: str) -> None:
         self.report.refused.append(f"{name}: {why}")
@@ -234,15 +237,20 @@ class SafeExtractor:
         """Absolute path for `rel` when its parent resolves inside dest (creating parents), else None."""
         path = os.path.join(self.root, rel)
         parent = os.path.dirname(path)
+        if parent in self._safe_dirs:
+            return path
         if not _inside(self.root, os.path.realpath(parent)):
             return None
         os.makedirs(parent, exist_ok=True)
         if not _inside(self.root, os.path.realpath(parent)):
             return None
+        self._safe_dirs.add(parent)
         return path
 
     def extract(self, fileobj: IO[bytes]) -> ExtractReport:
-        with tarfile.open(fileobj=fileobj, mode="r|", ignore_zeros=True, bufsize=CHUNK) as tf:
+        # "r:" rather than stream mode "r|": stream mode copies its whole buffer on every header read. It needs
+        # tell() and seek(), which a streaming source can offer for forward moves (all tarfile does here).
+        with tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True) as tf:
             for member in tf:
                 self._member(tf, member)
         self._place_symlinks()
@@ -279,18 +287,26 @@ class SafeExtractor:
                 "Download fewer files or raise the cap.",
                 refused=[*self.report.refused, f"{member.name}: size cap reached"],
             )
+        try:
+            existing = os.lstat(path).st_mode
+        except FileNotFoundError:
+            existing = 0
+        if stat.S_ISDIR(existing):
+            self._refuse(member.name, "a file would replace a folder")
+            return
+        if existing and not stat.S_ISREG(existing):
+            os.unlink(path)  # a symlink or special file there must not redirect the write
         src = tf.extractfile(member)
         assert src is not None
-        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
-            os.unlink(path)
         digest = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, (member.mode & 0o755) | 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
             while data := src.read(CHUNK):
                 digest.update(data)
                 out.write(data)
-        os.chmod(path, (member.mode & 0o755) | 0o600)
-        os.utime(path, (member.mtime, member.mtime))
+            if existing:
+                os.chmod(fd, (member.mode & 0o755) | 0o600)  # O_CREAT's mode only applies to new files
+            os.utime(fd, (member.mtime, member.mtime))
         self.report.files += 1
         self.report.bytes += member.size
         self.report.hashes[rel] = digest.hexdigest()
