@@ -17,6 +17,14 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
+# The MCP Inspector CLI is the client from outside this project that the end-to-end tests drive the server with.
+inspector=.cache/inspector
+if command -v npm >/dev/null && [ ! -x "$inspector/node_modules/.bin/mcp-inspector" ]; then
+  echo "installing @modelcontextprotocol/inspector"
+  mkdir -p "$inspector"
+  npm install --prefix "$inspector" --silent --no-audit --no-fund @modelcontextprotocol/inspector@2.12.0 >/dev/null
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
