@@ -25,7 +25,7 @@ from pathlib import Path
 
 import anyio
 
-from vast_mcp.remote.connect import RemoteHost, RemoteHosts, SSHTarget
+from vast_mcp.remote.connect import RemoteHosts, SSHTarget
 from vast_mcp.remote.hostkeys import HostKeyStore
 from vast_mcp.remote.keys import ClientKey, load_client_key
 from vast_mcp.remote.transfer import download, upload
@@ -160,27 +160,34 @@ async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path
         await anyio.to_thread.run_sync(lambda: subprocess.run(cmd, check=True))
 
     async def ours_up() -> None:
-        await upload(host, [tree], "~/ours")
+        print(f"    ours: {(await upload(host, [tree], '~/ours')).summary()}", flush=True)
 
     async def ours_down() -> None:
-        await download(host, [f"ours/{name}"], work / f"{label}-ours-down")
+        res = await download(host, [f"ours/{name}"], work / f"{label}-ours-down")
+        print(f"    ours: {res.summary()}", flush=True)
 
     plan: list[tuple[str, Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = [
         ("seed", seed_up, seed_down),
         ("rsync", rsync_up, rsync_down),
         ("ours", ours_up, ours_down),
     ]
+    remote_dirs = {"seed": "/root/seed", "rsync": "/root/rsync", "ours": "/root/ours"}
     for method, up, down in plan:
         results[f"{method}.upload"] = await timed(up)
         results[f"{method}.reupload"] = await timed(up)
         results[f"{method}.download"] = await timed(down)
         print(f"  [{label}] {method}: " + ", ".join(f"{p} {results[f'{method}.{p}']:.2f}s" for p in PHASES), flush=True)
-    await _check_same(host, tree, work / f"{label}-ours-down" / name)
+        if method == "ours":
+            await _check_same(tree, work / f"{label}-ours-down" / name)
+        # Each method starts from the same state: memory and disk freed of the previous method's copies.
+        await host.run(f"rm -rf {remote_dirs[method]}", time_limit=120)
+        local_copy = work / f"{label}-{method}-down"
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(local_copy, ignore_errors=True))
     await hosts.aclose()
     return results
 
 
-async def _check_same(host: RemoteHost, tree: Path, copy: Path) -> None:
+async def _check_same(tree: Path, copy: Path) -> None:
     def compare() -> None:
         for path in tree.rglob("*"):
             if path.is_file():

@@ -1,0 +1,758 @@
+"""`run_job`: the whole workflow in one server-side run, as a careful operator would do it by hand.
+
+search → consent → create → ready → upload → job (setup first) → watch → download → destroy → receipt.
+
+A run lives in a task of the server session's task group, so it goes on after the `run_job` call returns and is
+cancelled when the session ends; the session's teardown then destroys its instance like any other in the ledger.
+Everything that rents goes through `Service` (caps, ledger, price re-check). The user approves a ceiling, not one
+machine: up to `ceiling_dph` $/hr for up to `max_runtime_h` hours on up to `max_tries` machines, one after the
+other, and every failover offer is re-quoted and checked against that ceiling before it is rented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .consent import PRICE_EPSILON, Quote
+from .errors import (
+    CapExceededError,
+    ConsentError,
+    OfferUnavailableError,
+    QuoteError,
+    RemoteError,
+    TransferError,
+    VastAPIError,
+    VastMCPError,
+)
+from .ledger import LedgerInstance
+from .remote.transfer import remote_path_word
+from .results import (
+    ReadyResult,
+    RunApprovalView,
+    RunPhase,
+    RunReceipt,
+    RunStatus,
+    RunTry,
+    RunView,
+)
+from .service import ApprovedBy, CreateRequest, Service, quote_view
+from .vast.query import OfferFilters
+
+log = logging.getLogger("vast_mcp.workflow")
+
+MAX_TRIES = 3
+LOG_KEEP_BYTES = 64 * 1024  # job log kept per run for run_status; older output stays in the file on the instance
+LOG_TAIL_BYTES = 4 * 1024  # end of the log shown in the receipt
+READ_MAX_BYTES = 16 * 1024  # log returned by one run_status call
+WAIT_READY_CHUNK_S = 30.0  # one Service.wait_ready call; the run's status is refreshed between calls
+TAIL_WAIT_S = 20.0  # the instance holds a tail request this long waiting for output
+TAIL_SPACING_S = 2.0  # each tail also reads the instance from Vast, whose show-instance route allows ~1 call / 2 s
+WATCH_FAILURES = 6  # consecutive failed log reads before the instance is declared unreachable
+TRANSFER_BOUND_S = 3600.0
+LOG_NOTE_S = 5.0  # bound on fetching an instance's log to explain a failure
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?Z?\s*")
+CANCEL_WAIT_S = 0.3  # what session teardown grants runs to stop before it destroys their instances
+RESULTS_FOLDER = "vast-results"
+PENDING_KEEP = 100  # plans shown for approval that are remembered; a spent one still answers "already paid"
+
+Progress = Callable[[float, float | None, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the caller asked to run; everything but secret values is bound into the approval's digest."""
+
+    command: str
+    image: str | None
+    template_hash: str | None
+    filters: OfferFilters
+    query: str
+    disk_gb: float
+    max_runtime_h: float
+    budget_dph: float | None
+    uploads: tuple[str, ...] = ()
+    remote_dir: str = "~"
+    exclude: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    results: tuple[str, ...] = ()
+    results_dir: str | None = None
+    keep_on_failure: bool = False
+    ready_timeout_s: float = 300.0
+    max_tries: int = MAX_TRIES
+
+    def request(self, offer_id: int) -> CreateRequest:
+        return CreateRequest(
+            offer_id=offer_id,
+            disk_gb=self.disk_gb,
+            max_runtime_h=self.max_runtime_h,
+            image=self.image,
+            template_hash=self.template_hash,
+        )
+
+    def digest(self) -> str:
+        data = {
+            "command": self.command,
+            "image": self.image,
+            "template_hash": self.template_hash,
+            "filters": self.filters.model_dump(mode="json"),
+            "query": self.query,
+            "disk_gb": self.disk_gb,
+            "max_runtime_h": self.max_runtime_h,
+            "budget_dph": self.budget_dph,
+            "uploads": self.uploads,
+            "remote_dir": self.remote_dir,
+            "exclude": self.exclude,
+            "setup": self.setup,
+            "env": dict(self.env),
+            "secret_names": sorted(self.secrets),
+            "results": self.results,
+            "results_dir": self.results_dir,
+            "keep_on_failure": self.keep_on_failure,
+            "ready_timeout_s": self.ready_timeout_s,
+            "max_tries": self.max_tries,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+    def script(self) -> str:
+        """The background job: go to the working folder, run the setup (stopping at the first failure), then
+        the command itself, so setup output lands in the same log and its failure in the exit code."""
+        folder = remote_path_word(self.remote_dir)
+        lines = [f"mkdir -p {folder} && cd {folder} || exit 126"]
+        if self.setup:
+            lines += ["set -e", *self.setup, "set +e"]
+        lines.append(self.command)
+        return "\n".join(lines) + "\n"
+
+    def remote_results(self) -> list[str]:
+        """Result paths as the download understands them; relative ones start in the job's working folder."""
+        base = self.remote_dir.rstrip("/") or "/"
+        return [p if p.startswith(("/", "~")) else f"{base}/{p}" for p in self.results]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run ready for the user's approval: the first machine's quote and the ceiling every try must respect."""
+
+    spec: RunSpec
+    quote: Quote
+    ceiling_dph: float
+    ceiling_why: str
+
+    def question(self) -> str:
+        """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
+        q = self.quote
+        tries = self.spec.max_tries
+        failover = (
+            f" If that machine does not start (no boot, SSH never answers), it is destroyed at once and up to "
+            f"{tries - 1} other machine(s) may be tried, one at a time, each at no more than "
+            f"${self.ceiling_dph:.3f}/hr ({self.ceiling_why})."
+            if tries > 1
+            else ""
+        )
+        return (
+            f"Run a job: {q.describe()}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
+            f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
+            f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
+        )
+
+    def view(self, approved_by: ApprovedBy | None) -> RunApprovalView:
+        return RunApprovalView(
+            approved_by=approved_by,
+            quote=quote_view(self.quote),
+            ceiling_dph=round(self.ceiling_dph, 6),
+            max_tries=self.spec.max_tries,
+            max_runtime_hours=self.spec.max_runtime_h,
+            text=self.question(),
+        )
+
+
+async def plan_run(service: Service, spec: RunSpec) -> RunPlan:
+    """Check the local paths, find the cheapest matching offers and quote the best one (caps checked)."""
+    for path in spec.uploads:
+        service.local_path(path, must_exist=True)
+    if spec.results_dir is not None:
+        service.local_path(spec.results_dir, must_exist=False)
+    found = await service.search(
+        query=spec.query, filters=spec.filters, disk_gb=spec.disk_gb, order="dph", limit=spec.max_tries
+    )
+    if not found.offers:
+        budget = f" at or below ${spec.budget_dph:g}/hr" if spec.budget_dph is not None else ""
+        raise VastMCPError(
+            f"No offer matches these GPU requirements{budget} with {spec.disk_gb:g} GB of disk. Loosen the "
+            "requirements (GPU model, VRAM, reliability, countries) or raise max_dph, then call run_job again."
+        )
+    quote = await service.quote(spec.request(found.offers[0].offer_id))
+    if spec.budget_dph is not None:
+        ceiling, why = spec.budget_dph, "the budget given for this run"
+    else:
+        ceiling = max(o.dph for o in found.offers)
+        why = "the dearest of the cheapest matching offers; give a budget to allow more"
+    return RunPlan(spec=spec, quote=quote, ceiling_dph=max(ceiling, quote.dph), ceiling_why=why)
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Try:
+    number: int
+    offer_id: int
+    machine_id: int | None
+    gpu: str
+    dph: float
+    instance_id: int | None = None
+    outcome: str = "starting"
+    reason: str | None = None
+    destroyed: bool = False
+    kept: bool = False
+
+    def view(self) -> RunTry:
+        return RunTry(
+            number=self.number,
+            offer_id=self.offer_id,
+            machine_id=self.machine_id,
+            gpu=self.gpu,
+            dph=self.dph,
+            instance_id=self.instance_id,
+            outcome="used" if self.outcome == "used" else "failed" if self.outcome == "failed" else "starting",
+            reason=self.reason,
+            destroyed=self.destroyed,
+            kept=self.kept,
+        )
+
+
+class _RunFailed(Exception):
+    """Ends a run: the message says why, in words for the user."""
+
+
+@dataclass
+class Run:
+    id: str
+    plan: RunPlan
+    approved_by: ApprovedBy
+    started_at: float = field(default_factory=time.monotonic)
+    status: RunStatus = "running"
+    phase: RunPhase = "renting"
+    detail: str = ""
+    tries: list[_Try] = field(default_factory=list)
+    instance_id: int | None = None
+    job_id: str | None = None
+    job_started: float | None = None
+    job_ended: float | None = None
+    exit_code: int | None = None
+    receipt: RunReceipt | None = None
+    finished_at: float | None = None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _log: bytearray = field(default_factory=bytearray)
+    _log_start: int = 0
+
+    @property
+    def spec(self) -> RunSpec:
+        return self.plan.spec
+
+    @property
+    def log_end(self) -> int:
+        return self._log_start + len(self._log)
+
+    def elapsed(self) -> float:
+        return (self.finished_at or time.monotonic()) - self.started_at
+
+    def touch(self, phase: RunPhase | None = None, detail: str | None = None) -> None:
+        """Record progress and wake every run_status waiting on this run."""
+        if phase is not None:
+            self.phase = phase
+        if detail is not None:
+            self.detail = detail
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def changed(self) -> anyio.Event:
+        """An event set at the run's next change."""
+        return self._changed
+
+    def append_log(self, text: str) -> None:
+        if not text:
+            return
+        self._log += text.encode()
+        excess = len(self._log) - LOG_KEEP_BYTES
+        if excess > 0:
+            del self._log[:excess]
+            self._log_start += excess
+        self.touch()
+
+    def read_log(self, cursor: int, max_bytes: int) -> tuple[str, int, int, int]:
+        """(text, start, next cursor, bytes skipped) from `cursor`, cut on a character boundary."""
+        start = min(max(cursor, self._log_start), self.log_end)
+        skipped = start - cursor if cursor < self._log_start else 0
+        data = bytes(self._log[start - self._log_start : start - self._log_start + max_bytes])
+        if start + len(data) < self.log_end:
+            data = data[: _whole_characters(data)]
+        return data.decode("utf-8", "replace"), start, start + len(data), skipped
+
+    def log_tail(self) -> str:
+        return bytes(self._log[-LOG_TAIL_BYTES:]).decode("utf-8", "replace")
+
+
+def _whole_characters(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 character."""
+    lead = len(data)
+    while lead > 0 and data[lead - 1] & 0xC0 == 0x80:
+        lead -= 1
+    if lead == 0 or data[lead - 1] < 0xC0:
+        return len(data)
+    first = data[lead - 1]
+    size = 2 if first < 0xE0 else 3 if first < 0xF0 else 4
+    return len(data) if len(data) - (lead - 1) >= size else lead - 1
+
+
+class RunBook:
+    """This session's runs, and the plans waiting for an approval by quote id."""
+
+    def __init__(self, service: Service, task_group: TaskGroup) -> None:
+        self.service = service
+        self._tg = task_group
+        self._runs: dict[str, Run] = {}
+        self._pending: dict[str, RunPlan] = {}
+
+    # --- consent ------------------------------------------------------------------------------------------------
+
+    def hold_for_approval(self, plan: RunPlan) -> None:
+        """Remember a plan shown to the user, so a later run_job with its quote id runs exactly that plan."""
+        self._pending[plan.quote.quote_id] = plan
+        while len(self._pending) > PENDING_KEEP:
+            del self._pending[next(iter(self._pending))]
+
+    def approved_plan(self, quote_id: str, spec: RunSpec) -> RunPlan:
+        plan = self._pending.get(quote_id)
+        if plan is None:
+            raise QuoteError(
+                f"Quote {quote_id!r} is not a run_job quote of this session (quotes do not survive a server "
+                "restart). Call run_job again without quote_id and ask the user to approve the new quote."
+            )
+        if plan.spec.digest() != spec.digest():
+            raise QuoteError(
+                f"Quote {quote_id} was approved for a different run (command, files, GPU requirements, budget or "
+                "options differ). Call run_job with exactly the approved arguments, or without quote_id to get "
+                "a new quote for the user to approve."
+            )
+        return plan
+
+    def auto_approved(self, plan: RunPlan) -> RunPlan | None:
+        """The plan within the pre-approved price (`VAST_MCP_AUTO_APPROVE_DPH`), its ceiling lowered to it."""
+        if self.service.needs_approval(plan.quote):
+            return None
+        limit = self.service.settings.caps.auto_approve_dph
+        ceiling = plan.ceiling_dph if limit is None else min(plan.ceiling_dph, limit)
+        return RunPlan(plan.spec, plan.quote, max(ceiling, plan.quote.dph), "the pre-approved price limit")
+
+    # --- runs ---------------------------------------------------------------------------------------------------
+
+    def start(self, plan: RunPlan, approved_by: ApprovedBy) -> Run:
+        """Spend the approved quote and start the run in the session's task group."""
+        q = plan.quote
+        params = plan.spec.request(q.offer_id).params()
+        self.service.quotes.redeem(q.quote_id, q.offer_id, params, disk_gb=q.disk_gb, max_runtime_h=q.max_runtime_h)
+        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, approved_by=approved_by)
+        self._runs[run.id] = run
+        self._tg.start_soon(self._execute, run)
+        return run
+
+    def get(self, run_id: str) -> Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            known = ", ".join(self._runs) or "none"
+            raise VastMCPError(
+                f"No run {run_id!r} in this session (runs of this session: {known}). Runs do not survive the "
+                "session; check list_instances for what exists."
+            )
+        return run
+
+    async def aclose(self) -> None:
+        """Stop every run now (the session is ending); teardown destroys what they rented."""
+        for run in self._runs.values():
+            run.scope.cancel()
+        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
+            for run in self._runs.values():
+                await run.done.wait()
+
+    async def view(self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES) -> RunView:
+        text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        return RunView(
+            status=run.status,
+            run_id=run.id,
+            phase=run.phase,
+            detail=run.detail,
+            elapsed_s=round(run.elapsed(), 1),
+            cost_usd=round(await self._cost(run), 6),
+            instance_id=run.instance_id,
+            job_id=run.job_id,
+            tries=[t.view() for t in run.tries],
+            approval=run.plan.view(run.approved_by),
+            log=text,
+            cursor=start,
+            next_cursor=nxt,
+            log_more=nxt < run.log_end,
+            log_skipped_bytes=skipped,
+            receipt=run.receipt,
+        )
+
+    async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
+        """Wait up to `wait_s` for new log after `cursor`, a new phase or try, or the end of the run."""
+        deadline = time.monotonic() + wait_s
+        seen = (run.phase, len(run.tries), run.detail)
+        while run.status == "running" and run.log_end <= cursor and (run.phase, len(run.tries), run.detail) == seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with anyio.move_on_after(min(left, 5.0)):
+                await run.changed().wait()
+            await progress(run.elapsed(), None, f"run {run.id}: {run.phase} {run.detail}".strip())
+
+    async def _cost(self, run: Run) -> float:
+        now = time.time()
+        total = 0.0
+        for t in run.tries:
+            if t.instance_id is not None:
+                row = await self.service.own(t.instance_id)
+                if row is not None:
+                    total += row.accrued(now)
+        return total
+
+    # --- the workflow -------------------------------------------------------------------------------------------
+
+    async def _execute(self, run: Run) -> None:
+        """The run's task. Cancelled only when the session ends: then the session's teardown, not the run,
+        destroys what it rented (one destroyer, within the host's short shutdown window)."""
+        try:
+            with run.scope:
+                await self._workflow(run)
+        finally:
+            if run.status == "running":
+                run.status, run.phase = "cancelled", "done"
+                run.detail = "the session ended before the run finished; its instance is destroyed with the session"
+                run.finished_at = time.monotonic()
+            run.done.set()
+            run.touch()
+
+    async def _workflow(self, run: Run) -> None:
+        try:
+            current = await self._rent(run)
+            await self._job(run, current)
+        except _RunFailed as exc:
+            await self._finish(run, "failed", str(exc))
+        except VastMCPError as exc:
+            # Anything not foreseen still ends the run tidily: the instance goes, the reason is shown.
+            log.warning("run %s stopped: %s", run.id, exc)
+            await self._finish(run, "failed", str(exc))
+        except Exception:
+            # A bug must not take the whole session's task group down; the ledger still holds the instance.
+            log.exception("run %s failed unexpectedly", run.id)
+            await self._finish(run, "failed", "internal error in the run (see the server log)")
+
+    async def _rent(self, run: Run) -> _Try:
+        """Rent machines one after the other until one is ready (and has the uploads), within the approval."""
+        spec, plan = run.spec, run.plan
+        excluded_machines: set[int] = set()
+        tried_offers: set[int] = set()
+        quote: Quote | None = plan.quote
+        for number in range(1, spec.max_tries + 1):
+            if quote is None:
+                run.touch("renting", f"looking for another offer (try {number} of {spec.max_tries})")
+                quote = await self._next_quote(run, excluded_machines, tried_offers)
+            tried_offers.add(quote.offer_id)
+            current = _Try(number, quote.offer_id, quote.machine_id, quote.gpu, quote.dph)
+            run.tries.append(current)
+            reason = await self._start_machine(run, current, quote)
+            quote = None
+            if reason is None:
+                current.outcome = "used"
+                run.touch()
+                return current
+            current.outcome, current.reason = "failed", reason
+            if current.machine_id is not None:
+                excluded_machines.add(current.machine_id)
+            if current.instance_id is not None:
+                await self._destroy(run, current)
+            run.touch("renting", f"try {number} failed: {reason}")
+        raise _RunFailed(
+            f"No machine became usable after {spec.max_tries} tries; each one's reason is listed under tries. "
+            "Try other GPU requirements, a higher budget, or later."
+        )
+
+    async def _next_quote(self, run: Run, excluded_machines: set[int], tried_offers: set[int]) -> Quote:
+        spec, ceiling = run.spec, run.plan.ceiling_dph
+        filters = spec.filters.model_copy(
+            update={
+                "max_dph": ceiling,
+                "exclude_machine_ids": sorted({*(spec.filters.exclude_machine_ids or []), *excluded_machines}),
+            }
+        )
+        found = await self.service.search(
+            query=spec.query, filters=filters, disk_gb=spec.disk_gb, order="dph", limit=10
+        )
+        for row in found.offers:
+            if row.offer_id in tried_offers or (row.machine_id is not None and row.machine_id in excluded_machines):
+                continue
+            try:
+                quote = await self.service.quote(spec.request(row.offer_id))
+            except OfferUnavailableError:
+                continue
+            if quote.dph > ceiling + PRICE_EPSILON:
+                continue  # its price rose past what the user approved since the search
+            self.service.quotes.redeem(
+                quote.quote_id,
+                quote.offer_id,
+                spec.request(quote.offer_id).params(),
+                disk_gb=quote.disk_gb,
+                max_runtime_h=quote.max_runtime_h,
+            )
+            return quote
+        raise _RunFailed(
+            f"No other offer matches within the approved ${ceiling:.3f}/hr after excluding the machines that "
+            "failed. Call run_job again with a higher max_dph (the user approves it) or other GPU requirements."
+        )
+
+    async def _start_machine(self, run: Run, current: _Try, quote: Quote) -> str | None:
+        """Create, wait until usable, upload. None when the machine is ready for the job, else why not."""
+        service, spec = self.service, run.spec
+        run.touch("renting", f"renting offer {quote.offer_id} ({quote.gpu}, ${quote.dph:.3f}/hr)")
+        try:
+            created = await service.create(spec.request(quote.offer_id), quote, run.approved_by)
+        except CapExceededError as exc:
+            raise _RunFailed(str(exc)) from None
+        except OfferUnavailableError:
+            return "the offer was taken by someone else just before renting"
+        except ConsentError as exc:
+            # The price re-check after create: the instance is already destroyed; record it for the cost.
+            row = await self._row_for_quote(quote.quote_id)
+            if row is not None and row.instance_id is not None:
+                current.instance_id, current.destroyed = row.instance_id, True
+            return f"the instance's real price was above the quote ({exc})"
+        assert created.instance_id is not None
+        current.instance_id = run.instance_id = created.instance_id
+        reason = await self._await_ready(run, current)
+        if reason is not None:
+            return reason
+        if spec.uploads:
+            run.touch("uploading", f"uploading {len(spec.uploads)} path(s)")
+            try:
+                with anyio.fail_after(TRANSFER_BOUND_S):
+                    sent = await service.upload(
+                        current.instance_id, list(spec.uploads), spec.remote_dir, list(spec.exclude), False
+                    )
+            except TransferError as exc:
+                raise _RunFailed(f"The upload failed: {exc}") from None
+            except (RemoteError, VastAPIError, TimeoutError) as exc:
+                return f"the upload to this machine failed ({exc or 'no progress within the bound'})"
+            run.touch(detail=sent.summary())
+        return None
+
+    async def _row_for_quote(self, quote_id: str) -> LedgerInstance | None:
+        for row in await self.service.ledger.session_instances(self.service.session_id, include_done=True):
+            if row.quote_id == quote_id:
+                return row
+        return None
+
+    async def _await_ready(self, run: Run, current: _Try) -> str | None:
+        assert current.instance_id is not None
+        iid, bound = current.instance_id, run.spec.ready_timeout_s
+        deadline = time.monotonic() + bound
+        last: ReadyResult | None = None
+
+        async def note(done: float, total: float | None, message: str) -> None:
+            if message != run.detail:
+                run.touch(detail=message)
+
+        run.touch("booting", f"instance {iid} is starting")
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                last = await self.service.wait_ready(iid, min(left, WAIT_READY_CHUNK_S), note)
+            except VastMCPError as exc:
+                return f"it could not be checked while starting ({exc})"
+            if last.ready:
+                run.touch(detail=last.summary())
+                return None
+            if last.failed:
+                why = f"it stopped while starting (status {last.status}: {last.status_msg or 'no message'})"
+                return why + await self._log_note(iid, last.status_msg)
+        if last is not None and last.status == "running":
+            why = f"Vast reported it running, but SSH never accepted our key within {bound:g} s"
+        else:
+            status = last.status if last is not None and last.status else "scheduling"
+            msg = f": {last.status_msg}" if last is not None and last.status_msg else ""
+            why = f"it was not ready within {bound:g} s (status {status}{msg})"
+        return why + await self._log_note(iid, last.status_msg if last is not None else None)
+
+    async def _log_note(self, instance_id: int, said: str | None) -> str:
+        """The last lines of the instance's own log that add to `said` (its status message), to explain a failure;
+        empty when Vast has none within a few seconds."""
+        text = ""
+        with anyio.move_on_after(LOG_NOTE_S):
+            try:
+                text = await self.service.client.instance_logs(instance_id, tail=20, wait=LOG_NOTE_S - 1)
+            except VastMCPError:
+                text = ""
+        lines = [_TIMESTAMP.sub("", line).strip() for line in text.splitlines()]
+        lines = [line for line in lines if line and not (said and said in line)][-2:]
+        if not lines:
+            return ""
+        return "; instance log ends: " + self.service.redact(" | ".join(lines))[-400:]
+
+    async def _destroy(self, run: Run, current: _Try) -> None:
+        assert current.instance_id is not None
+        run.touch("destroying", f"destroying instance {current.instance_id}")
+        try:
+            await self.service.destroy(current.instance_id)
+        except VastMCPError as exc:
+            note = f"destroy not confirmed yet ({exc}); it stays tracked and is destroyed at the session's end"
+            current.reason = f"{current.reason}; {note}" if current.reason else note
+            return
+        current.destroyed = True
+
+    async def _job(self, run: Run, current: _Try) -> None:
+        """Start the job, follow it to its end, fetch the results, then destroy (or keep on failure)."""
+        service, spec = self.service, run.spec
+        assert current.instance_id is not None
+        iid = current.instance_id
+        problem: str | None = None
+        run.touch("running", "starting the job")
+        try:
+            job = await service.start_job(iid, spec.script(), workdir=None, env=spec.env, secrets=spec.secrets)
+        except VastMCPError as exc:
+            problem = f"The job could not be started: {exc}"
+        else:
+            run.job_id = job.job_id
+            run.job_started = time.monotonic()
+            run.touch(detail=f"job {job.job_id} running")
+            problem = await self._watch(run, iid, job.job_id)
+            run.job_ended = time.monotonic()
+        if problem is None and run.exit_code not in (0, None):
+            problem = f"The job exited with code {run.exit_code}; the end of its log is in the receipt."
+        missing: list[str] = []
+        files = 0
+        results_dir: Path | None = None
+        if spec.results and run.job_id is not None:
+            run.touch("downloading", "downloading the results")
+            results_dir = self._results_dir(run)
+            try:
+                with anyio.fail_after(TRANSFER_BOUND_S):
+                    got = await service.download(iid, spec.remote_results(), str(results_dir))
+                files, missing = got.files, got.missing
+            except (VastMCPError, TimeoutError) as exc:
+                note = f"The results could not be downloaded: {exc or 'no progress within the bound'}"
+                problem = f"{problem} {note}" if problem else note
+        failed = problem is not None
+        if failed and spec.keep_on_failure:
+            await service.keep(iid, True)
+            current.kept = True
+            run.touch(detail=f"instance {iid} kept for debugging")
+        else:
+            await self._destroy(run, current)
+        await self._finish(
+            run, "failed" if failed else "succeeded", problem, results_dir=results_dir, files=files, missing=missing
+        )
+
+    async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
+        """Follow the job's log until it ends. None when it ended by itself (see `run.exit_code`), else why not."""
+        deadline = time.monotonic() + run.spec.max_runtime_h * 3600
+        cursor, failures = 0, 0
+        while True:
+            asked = time.monotonic()
+            left = deadline - asked
+            if left <= 0:
+                with anyio.move_on_after(30):
+                    await self.service.cancel(iid, job_id)
+                return f"The job ran past its maximum runtime of {run.spec.max_runtime_h:g} h and was stopped."
+            try:
+                chunk = await self.service.tail(
+                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES
+                )
+            except (RemoteError, VastAPIError) as exc:
+                failures += 1
+                stopped = await self._stopped(iid)
+                if stopped is not None:
+                    return f"The instance stopped while the job ran ({stopped})."
+                if failures >= WATCH_FAILURES:
+                    return f"The instance stopped answering over SSH while the job ran ({exc})."
+                await anyio.sleep(min(2.0**failures, 15.0))
+                continue
+            failures = 0
+            run.append_log(chunk.text)
+            cursor = chunk.next_cursor
+            if chunk.state != "running" and not chunk.more:
+                run.exit_code = chunk.exit_code
+                if chunk.state == "exited":
+                    return None
+                return f"The job ended as {chunk.state} (it was killed, or the instance restarted under it)."
+            if not chunk.more:
+                await anyio.sleep(max(0.0, TAIL_SPACING_S - (time.monotonic() - asked)))
+
+    async def _stopped(self, iid: int) -> str | None:
+        """Why the instance can no longer run the job, or None when it still can (or Vast cannot say now)."""
+        try:
+            inst = await self.service.client.show_instance(iid)
+        except VastAPIError:
+            return None
+        if inst is None:
+            return "it no longer exists on Vast"
+        if inst.actual_status in ("exited", "offline", "stopped"):
+            return f"{inst.actual_status}: {inst.status_msg or 'no message'}"
+        return None
+
+    def _results_dir(self, run: Run) -> Path:
+        raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
+        return self.service.local_path(raw, must_exist=False)
+
+    async def _finish(
+        self,
+        run: Run,
+        outcome: str,
+        error: str | None,
+        *,
+        results_dir: Path | None = None,
+        files: int = 0,
+        missing: list[str] | None = None,
+    ) -> None:
+        """Make sure nothing of the run is left billing (unless kept), then write the receipt."""
+        for t in run.tries:
+            if t.instance_id is not None and not t.destroyed and not t.kept:
+                await self._destroy(run, t)
+        used = next((t for t in run.tries if t.outcome == "used"), None)
+        kept = next((t.instance_id for t in run.tries if t.kept), None)
+        run.finished_at = time.monotonic()
+        job_runtime = None
+        if run.job_started is not None:
+            job_runtime = round((run.job_ended or run.finished_at) - run.job_started, 2)
+        run.receipt = RunReceipt(
+            outcome="succeeded" if outcome == "succeeded" else "cancelled" if outcome == "cancelled" else "failed",
+            gpu=used.gpu if used else None,
+            dph=used.dph if used else None,
+            runtime_s=round(run.elapsed(), 2),
+            job_runtime_s=job_runtime,
+            total_cost_usd=round(await self._cost(run), 6),
+            exit_code=run.exit_code,
+            results_dir=str(results_dir) if results_dir is not None else None,
+            result_files=files,
+            missing_results=missing or [],
+            destroyed=all(t.destroyed for t in run.tries if t.instance_id is not None),
+            kept_instance_id=kept,
+            error=error,
+            log_tail=run.log_tail(),
+        )
+        run.status = run.receipt.outcome
+        run.touch("done", error or "finished")
