@@ -414,8 +414,9 @@ class RunBook:
     async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
         """Wait up to `wait_s` for new log after `cursor`, a new phase or try, or the end of the run."""
         deadline = time.monotonic() + wait_s
-        seen = (run.phase, len(run.tries), run.detail)
-        while run.status == "running" and run.log_end <= cursor and (run.phase, len(run.tries), run.detail) == seen:
+        seen = (run.phase, len(run.tries))
+        # Details (each SSH probe while booting...) go out as progress notifications, not as an early answer.
+        while run.status == "running" and run.log_end <= cursor and (run.phase, len(run.tries)) == seen:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
