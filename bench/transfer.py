@@ -172,6 +172,10 @@ async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path
         ("ours", ours_up, ours_down),
     ]
     remote_dirs = {"seed": "/root/seed", "rsync": "/root/rsync", "ours": "/root/ours"}
+
+    def forget_copy(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
     for method, up, down in plan:
         results[f"{method}.upload"] = await timed(up)
         results[f"{method}.reupload"] = await timed(up)
@@ -181,8 +185,7 @@ async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path
             await _check_same(tree, work / f"{label}-ours-down" / name)
         # Each method starts from the same state: memory and disk freed of the previous method's copies.
         await host.run(f"rm -rf {remote_dirs[method]}", time_limit=120)
-        local_copy = work / f"{label}-{method}-down"
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(local_copy, ignore_errors=True))
+        await anyio.to_thread.run_sync(forget_copy, work / f"{label}-{method}-down")
     await hosts.aclose()
     return results
 

@@ -79,6 +79,10 @@ async def test_round_trip_is_byte_for_byte(
     back = await download(remote, ["~/work/proj"], tmp_path / "back", compression=compression)
     assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
     assert back.files == 305 and back.verified == 305
+    if compression == "always":
+        assert back.compression == "zstd-3"  # the instance and this machine both have zstd
+    if compression == "never":
+        assert back.compression == "none"
     assert back.mismatched == [] and back.refused == [] and back.missing == []
 
 

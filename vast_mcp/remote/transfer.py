@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -491,7 +492,14 @@ async def download(
         f"find ./{glob_word(g)} -type f -exec sha256sum -z -- {{}} +; }})"
         for d, g in groups
     )
-    command = f"{{ {pack}; }}" + (f" | gzip -c -{level}" if level else "")
+    codec = "raw"
+    if level:
+        # zstd where both ends have it: several times gzip's speed at a better ratio, and it passes
+        # incompressible data through almost for free. gzip otherwise, which every image has.
+        codec = "zstd" if "zstd" in host.tools and shutil.which("zstd") else "gzip"
+    zlevel = 3 if level > 1 else 1
+    compressor = {"raw": "", "gzip": f" | gzip -c -{level}", "zstd": f" | zstd -c -q -T0 -{zlevel}"}
+    command = f"{{ {pack}; }}{compressor[codec]}"
     progress = _Progress(on_progress, "download")
     dest = await anyio.to_thread.run_sync(lambda: Path(local_dir).expanduser().absolute())
     errors = bytearray()
@@ -531,7 +539,7 @@ async def download(
 
     # Extraction runs in its own process (see unpack.py), fed from this connection through a pipe.
     worker = await anyio.open_process(
-        [sys.executable, "-m", "vast_mcp.remote.unpack", str(dest), str(max_bytes), "gzip" if level else "raw"],
+        [sys.executable, "-m", "vast_mcp.remote.unpack", str(dest), str(max_bytes), codec],
         stderr=subprocess.DEVNULL,
     )
     proc = await host.process(command, encoding=None, window=BULK_WINDOW)
@@ -567,7 +575,7 @@ async def download(
         bytes=progress.done,
         wire_bytes=progress.wire,
         seconds=time.monotonic() - started,
-        compression=f"gzip-{level}" if level else "none",
+        compression={"raw": "none", "gzip": f"gzip-{level}", "zstd": f"zstd-{zlevel}"}[codec],
         verified=len(verified),
         mismatched=mismatched + unconfirmed,
         refused=refused,

@@ -1,4 +1,4 @@
-"""The download extractor as its own process: `python -m vast_mcp.remote.unpack DEST MAX_BYTES raw|gzip`.
+"""The download extractor as its own process: `python -m vast_mcp.remote.unpack DEST MAX_BYTES raw|gzip|zstd`.
 
 Reads a tar stream on stdin, extracts it with `SafeExtractor`, and prints a JSON report on stdout. It runs apart
 from the server because extraction (parsing thousands of headers, hashing, writing) and SSH decryption both
@@ -8,10 +8,11 @@ want the interpreter lock; in one process they take turns, in two they run side 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from ..errors import UnsafeArchiveError
 from .archive import CHUNK, SafeExtractor
@@ -20,7 +21,7 @@ from .archive import CHUNK, SafeExtractor
 class ForwardReader:
     """A pipe as the file object tarfile wants: read, tell, and seek forward (by skipping)."""
 
-    def __init__(self, source: BinaryIO, gzip: bool) -> None:
+    def __init__(self, source: IO[bytes], gzip: bool) -> None:
         self._source = source
         self._chunk = b""
         self._off = 0
@@ -81,8 +82,14 @@ def main(argv: list[str]) -> int:
     dest, max_bytes, mode = Path(argv[0]), int(argv[1]), argv[2]
     extractor = SafeExtractor(dest, max_bytes=max_bytes)
     error = ""
+    source: IO[bytes] = sys.stdin.buffer
+    if mode == "zstd":
+        # zstd reads our stdin directly; we read what it inflates.
+        inflater = subprocess.Popen(["zstd", "-dcq"], stdin=sys.stdin.fileno(), stdout=subprocess.PIPE)
+        assert inflater.stdout is not None
+        source = inflater.stdout
     try:
-        extractor.extract(ForwardReader(sys.stdin.buffer, gzip=mode == "gzip"))  # type: ignore[arg-type]
+        extractor.extract(ForwardReader(source, gzip=mode == "gzip"))  # type: ignore[arg-type]
     except UnsafeArchiveError as exc:
         error = str(exc)
         extractor.report.refused = exc.refused
