@@ -172,12 +172,31 @@ def test_ssh_url_prints_the_direct_address(listening_sim_server: SimServer, tmp_
     vastai = make_vastai_runner(listening_sim_server.url, listening_sim_server.api_key, tmp_path / "home")
     iid = _create(vastai, _cheapest(vastai)["id"])
     _wait_running(vastai, iid)
-    port = {a["id"]: a for a in _admin(listening_sim_server, "GET", "/_sim/instances")["instances"]}[iid]["ssh_port"]
-    assert isinstance(port, int)
+    admin = {a["id"]: a for a in _admin(listening_sim_server, "GET", "/_sim/instances")["instances"]}[iid]
+    port, proxy_port = admin["ssh_port"], admin["proxy_port"]
+    assert isinstance(port, int) and isinstance(proxy_port, int) and port != proxy_port
     result = vastai("ssh-url", str(iid))
     assert result.rc == 0 and result.stdout.strip() == f"ssh://root@127.0.0.1:{port}"
+    # The table shows ssh_host/ssh_port, which are the proxy path.
     table = vastai("show", "instance", str(iid))
-    assert "127.0.0.1" in table.stdout and str(port) in table.stdout
+    assert "127.0.0.1" in table.stdout and str(proxy_port) in table.stdout
+
+
+@pytest.mark.parametrize(("flags", "runtype"), [(("--ssh",), "ssh_proxy"), (("--jupyter",), "jupyter_proxy ssh_proxy")])
+def test_ssh_url_prints_the_proxy_for_proxy_only_runtypes(
+    listening_sim_server: SimServer, tmp_path: Path, flags: tuple[str, ...], runtype: str
+) -> None:
+    vastai = make_vastai_runner(listening_sim_server.url, listening_sim_server.api_key, tmp_path / "home")
+    offer_id = _cheapest(vastai)["id"]
+    out = _json(vastai("create", "instance", str(offer_id), "--image", "pytorch/pytorch", *flags, "--raw"))
+    iid = out["new_contract"]
+    row = _wait_running(vastai, iid)
+    assert row["image_runtype"] == runtype and row["ports"] == {}
+    proxy_port = {a["id"]: a for a in _admin(listening_sim_server, "GET", "/_sim/instances")["instances"]}[iid][
+        "proxy_port"
+    ]
+    result = vastai("ssh-url", str(iid))
+    assert result.rc == 0 and result.stdout.strip() == f"ssh://root@127.0.0.1:{proxy_port}"
 
 
 def test_ssh_url_without_a_port_and_for_an_unknown_instance(vastai: VastaiRunner) -> None:

@@ -544,6 +544,36 @@ async def test_billing_charges_running_time_and_storage_while_stopped(tmp_path: 
         assert admin["spent"] == pytest.approx(row["dph_total"] + 2 * storage_hour, rel=1e-6)
 
 
+async def test_price_change_fault_creates_and_bills_at_a_multiple_of_the_offer(tmp_path: Path) -> None:
+    now = [1_800_000_000.0]
+    cloud = SimCloud(backend=StateOnlyBackend(), boot_delay=0.0, root_dir=tmp_path / "sim", clock=lambda: now[0])
+    async with cloud, _client(cloud) as client:
+        offers = await _search(client, allocated_storage=40.0, order=[["dph_total", "asc"]], limit=2)
+        r = await client.post("/_sim/faults/next_instance", json={"price_multiplier": 1.5})
+        assert r.status_code == 200, r.text
+        changed = (await _create(client, offers[0]["id"], disk=40.0))["new_contract"]
+        normal = (await _create(client, offers[1]["id"], disk=40.0))["new_contract"]
+        row = await _wait_status(client, changed, "running")
+        nrow = await _wait_status(client, normal, "running")
+        assert row["dph_total"] == pytest.approx(1.5 * offers[0]["dph_total"], abs=1e-5)
+        assert row["dph_base"] == pytest.approx(1.5 * offers[0]["dph_base"], abs=1e-6)
+        assert nrow["dph_total"] == pytest.approx(offers[1]["dph_total"], abs=1e-6)  # one instance only
+        listed = {i["id"]: i for i in (await client.get("/api/v1/instances/")).json()["instances"]}
+        assert listed[changed]["dph_total"] == row["dph_total"]
+        now[0] += 3600
+        admin = {a["id"]: a for a in (await client.get("/_sim/instances")).json()["instances"]}
+        assert admin[changed]["cost"] == pytest.approx(row["dph_total"], abs=2e-6)
+        assert admin[normal]["cost"] == pytest.approx(nrow["dph_total"], abs=2e-6)
+        assert admin[changed]["price_multiplier"] == 1.5
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1.5", True])
+async def test_price_change_fault_must_be_a_positive_number(sim_client: httpx2.AsyncClient, bad: Any) -> None:
+    r = await sim_client.post("/_sim/faults/next_instance", json={"price_multiplier": bad})
+    assert r.status_code == 400 and "price_multiplier" in r.json()["msg"]
+    assert (await sim_client.get("/_sim/faults")).json()["next_instances"] == []
+
+
 # --- faults -----------------------------------------------------------------------------------------------------
 
 
@@ -700,6 +730,29 @@ class _PortBackend:
         return host
 
 
+async def _port_closed(port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def _first_bytes(port: int) -> bytes:
+    """What the server says first on a fresh TCP connection; b"" when it is reset or closed without a word."""
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:  # the reset can land while the connection is still being set up
+        return b""
+    async with stream:
+        with anyio.fail_after(WAIT):
+            try:
+                return await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return b""
+
+
 async def test_ssh_address_published_for_direct_and_proxy_runtypes(tmp_path: Path) -> None:
     backend = _PortBackend()
     async with (
@@ -709,23 +762,60 @@ async def test_ssh_address_published_for_direct_and_proxy_runtypes(tmp_path: Pat
         direct = (await _create(client, runtype="ssh_direc ssh_proxy"))["new_contract"]
         proxy = (await _create(client, runtype="jupyter_proxy ssh_proxy"))["new_contract"]
         row = await _wait_status(client, direct, "running")
+        prow = await _wait_status(client, proxy, "running")
+        admin = {a["id"]: a for a in (await client.get("/_sim/instances")).json()["instances"]}
         port = backend.hosts[0].ssh_port
-        assert port is not None
+        proxy_port = admin[direct]["proxy_port"]
+        assert port is not None and isinstance(proxy_port, int) and proxy_port != port
         assert row["public_ipaddr"] == "127.0.0.1"
         assert row["ports"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]}
-        assert (row["ssh_host"], row["ssh_port"]) == ("127.0.0.1", port)
+        assert row["direct_port_start"] == port
+        # ssh_host/ssh_port are always the proxy; the CLI (and ssh_address) prefer the direct path when published.
+        assert (row["ssh_host"], row["ssh_port"]) == ("127.0.0.1", proxy_port)
         assert Instance.model_validate(row).ssh_address() == ("127.0.0.1", port)
-        prow = await _wait_status(client, proxy, "running")
-        pport = backend.hosts[1].ssh_port
-        assert prow["ports"] == {}
-        # The CLI adds 1 for jupyter runtypes, so the row carries one less and ssh-url lands on the real port.
-        assert Instance.model_validate(prow).ssh_address() == ("127.0.0.1", pport)
-        admin = {a["id"]: a for a in (await client.get("/_sim/instances")).json()["instances"]}
+        pproxy = admin[proxy]["proxy_port"]
+        assert prow["ports"] == {} and prow["direct_port_start"] == -1
+        # The CLI adds 1 for jupyter runtypes, so the row carries one less and ssh-url lands on the proxy port.
+        assert prow["ssh_port"] == pproxy - 1
+        assert Instance.model_validate(prow).ssh_address() == ("127.0.0.1", pproxy)
         assert admin[direct]["alive_pids"] == [4242] and admin[direct]["ssh_port"] == port
         await _delete(client, f"/api/v0/instances/{direct}/")
         assert backend.hosts[0].destroyed and not backend.hosts[1].destroyed
-    # Leaving the cloud destroys what is left.
+        assert await _show(client, direct) is None
+        assert await _port_closed(proxy_port)
+        assert not await _port_closed(pproxy)
+    # Leaving the cloud destroys what is left, proxies included.
     assert backend.hosts[1].destroyed
+    assert await _port_closed(pproxy)
+
+
+async def test_proxy_address_is_published_from_create_and_resets_until_ssh_is_up(tmp_path: Path) -> None:
+    backend = _PortBackend()
+    async with (
+        SimCloud(backend=backend, boot_delay=0.0, root_dir=tmp_path / "sim") as cloud,
+        _client(cloud) as client,
+    ):
+        r = await client.post("/_sim/faults/next_instance", json={"never_boots": True, "stuck_for": 3600})
+        assert r.status_code == 200
+        created = await _create(client)
+        first = await _show(client, created["new_contract"])
+        assert first is not None and first["actual_status"] in ("created", "loading")
+        assert first["ssh_host"] == "127.0.0.1" and isinstance(first["ssh_port"], int)
+        row = await _wait_status(client, created["new_contract"], "loading")
+        assert row["ssh_port"] == first["ssh_port"]
+        # The direct path is not there until the host runs.
+        assert row["ports"] == {} and row["direct_port_start"] == -1 and row["machine_dir_ssh_port"] is None
+        assert Instance.model_validate(row).ssh_address() == ("127.0.0.1", row["ssh_port"])
+        assert await _first_bytes(row["ssh_port"]) == b""  # a reset, not a banner and not a hang
+        await _delete(client, f"/api/v0/instances/{created['new_contract']}/")
+        assert await _show(client, created["new_contract"]) is None
+        assert await _port_closed(row["ssh_port"])
+
+
+async def test_state_only_hosts_publish_no_ssh_address(sim_client: httpx2.AsyncClient) -> None:
+    iid = (await _create(sim_client))["new_contract"]
+    row = await _wait_status(sim_client, iid, "running")
+    assert row["ssh_host"] is None and row["ssh_port"] is None and row["ports"] == {}
 
 
 async def test_instance_stays_loading_until_ssh_port_accepts(tmp_path: Path) -> None:

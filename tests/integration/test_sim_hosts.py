@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -9,12 +10,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncssh
 import pytest
 
 from vast_mcp.errors import ConfigError
+from vast_mcp.sim.faults import InstanceFaults
 from vast_mcp.sim.hosts import (
     BACKEND_ENV,
     FAULT_PREFIX,
@@ -25,6 +28,7 @@ from vast_mcp.sim.hosts import (
     select_backend,
     sshd_unavailable_reason,
 )
+from vast_mcp.sim.state import SimCloud, SimInstance
 
 SSHD_MISSING = sshd_unavailable_reason()
 BACKENDS = [
@@ -355,3 +359,98 @@ def test_backend_choice_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
         select_backend()
     monkeypatch.delenv(BACKEND_ENV)
     assert select_backend().name == ("sshd" if SSHD_MISSING is None else "asyncssh")
+
+
+# --- the proxy path, through the simulated cloud ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def cloud(backend: HostBackend, tmp_path: Path, client_key: asyncssh.SSHKey) -> AsyncIterator[SimCloud]:
+    async with SimCloud(backend=backend, boot_delay=0.0, root_dir=tmp_path / "cloud") as sim:
+        sim.add_ssh_key(public_line(client_key))
+        yield sim
+
+
+async def create(cloud: SimCloud, runtype: str = "ssh_direc ssh_proxy", **faults: Any) -> SimInstance:
+    if faults:
+        cloud.faults.next_instances.append(InstanceFaults(**faults))
+    offer = cloud.available_offers()[0]
+    return await cloud.create_instance(int(offer["id"]), {"image": "img", "disk": 10, "runtype": runtype})
+
+
+async def first_bytes(port: int) -> bytes:
+    """What a server says first on a fresh TCP connection; b"" when it resets or closes without a word."""
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return b""
+    async with stream:
+        with anyio.fail_after(20):
+            try:
+                return await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return b""
+
+
+@pytest.mark.anyio
+async def test_proxy_carries_ssh_once_the_host_is_up_and_across_restarts(
+    cloud: SimCloud, client_key: asyncssh.SSHKey
+) -> None:
+    stuck = await create(cloud, runtype="ssh_proxy", never_boots=True, stuck_for=3600)
+    await wait_for(lambda: stuck.actual_status == "loading")
+    row = cloud.row(stuck)
+    assert row["ssh_host"] == "127.0.0.1" and row["ports"] == {}
+    assert await first_bytes(row["ssh_port"]) == b""  # loading: reset, no SSH banner
+
+    inst = await create(cloud, runtype="ssh_proxy")
+    await wait_for(lambda: inst.actual_status == "running")
+    row = cloud.row(inst)
+    proxy_port = row["ssh_port"]
+    assert row["ports"] == {} and proxy_port != inst.host.ssh_port
+    assert (await first_bytes(proxy_port)).startswith(b"SSH-2.0-")
+    async with connect(proxy_port, client_key) as conn:
+        assert await run(conn, "echo via-proxy") == "via-proxy\n"
+
+    await cloud.set_state(inst.id, "stopped")
+    assert cloud.row(inst)["ssh_port"] == proxy_port  # the proxy outlives the host's boots
+    assert await first_bytes(proxy_port) == b""
+    await cloud.set_state(inst.id, "running")
+    await wait_for(lambda: inst.actual_status == "running")
+    async with connect(proxy_port, client_key) as conn:
+        assert await run(conn, "echo again") == "again\n"
+
+    await cloud.destroy(inst.id)
+    assert cloud.visible(inst.id) is None
+    assert await port_closed(proxy_port)
+
+
+@pytest.mark.anyio
+async def test_ssh_refusal_acts_on_the_proxy_and_the_direct_path(cloud: SimCloud, client_key: asyncssh.SSHKey) -> None:
+    inst = await create(cloud, ssh_refuse_for=3600)
+    await wait_for(lambda: inst.actual_status == "running")
+    row = cloud.row(inst)
+    proxy_port, direct_port = row["ssh_port"], int(row["ports"]["22/tcp"][0]["HostPort"])
+    assert proxy_port != direct_port
+    for port in (proxy_port, direct_port):
+        assert await first_bytes(port) == b""
+        with pytest.raises((OSError, asyncssh.Error)):
+            async with connect(port, client_key):
+                pass
+    cloud.set_faults(inst.id, InstanceFaults())  # the window ends
+    for port in (proxy_port, direct_port):
+        async with connect(port, client_key) as conn:
+            assert await run(conn, "echo open") == "open\n"
+
+
+@pytest.mark.anyio
+async def test_slow_host_through_the_proxy_still_delivers_every_byte(
+    cloud: SimCloud, client_key: asyncssh.SSHKey
+) -> None:
+    inst = await create(cloud, runtype="ssh_proxy", bandwidth_limit=4_000_000)
+    await wait_for(lambda: inst.actual_status == "running")
+    async with connect(cloud.row(inst)["ssh_port"], client_key) as conn:
+        result = await conn.run("head -c 1000000 /dev/urandom | tee /dev/stderr | sha256sum", encoding=None, timeout=60)
+    assert result.exit_status == 0
+    assert isinstance(result.stdout, bytes) and isinstance(result.stderr, bytes)
+    assert len(result.stderr) == 1_000_000
+    assert result.stdout.split()[0].decode() == hashlib.sha256(result.stderr).hexdigest()

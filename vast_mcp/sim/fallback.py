@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any, Literal
 
 import anyio
@@ -56,7 +57,7 @@ class AsyncsshHost:
 
     @property
     def ssh_port(self) -> int | None:
-        if self._state != "running" or self._relay is None or self._server is None or self._server.finished.is_set():
+        if self._state != "running" or self._relay is None or self._server is None or self._server.ending.is_set():
             return None
         return self._relay.port
 
@@ -64,7 +65,7 @@ class AsyncsshHost:
         async with self._get_lock():
             if self._state == "destroyed":
                 raise SimHostError(f"instance {self.spec.instance_id} was destroyed; create a new one")
-            up = self._server is not None and not self._server.finished.is_set()
+            up = self._server is not None and not self._server.ending.is_set()
             if self._state == "stuck" or (self._state == "running" and up):
                 return
             await self._halt()
@@ -149,6 +150,9 @@ class _InstanceServer(BackgroundService):
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._groups: set[int] = set()  # process groups of everything started, for machines without /proc
+        # Set as soon as the instance starts going down, before its processes are killed: from then on it has no
+        # SSH port, so no observer sees "every process gone" while the port is still reported.
+        self.ending = threading.Event()
 
     def env(self) -> dict[str, str]:
         home = str(self.disk.root)
@@ -188,6 +192,7 @@ class _InstanceServer(BackgroundService):
             task_status.started(self._acceptor.get_port())
             await init.wait()
         finally:
+            self.ending.set()
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
 

@@ -1,13 +1,20 @@
 """Fault injection for the simulated cloud: API-level storms and per-instance host trouble.
 
 Route faults are checked by the API before a request is handled. Instance faults are read by `state.py` (boot,
-exit, host key) and by the host backends (SSH refusal, bandwidth) through `InstanceFaults.from_extra`, because
-the backends see only their `HostSpec`.
+exit, host key, price) and by the host backends (SSH refusal, bandwidth) through `InstanceFaults.from_extra`,
+because the backends see only their `HostSpec`. The SSH faults show on both of an instance's SSH paths: the
+proxy port forwards to the host's own port, where they act.
+
+`price_multiplier` is the price change between search and create: the instance is created at that multiple of
+the offer's price (`dph_base`, storage and so `dph_total`, and what billing charges), so a client can check
+that it re-reads the price after create. Arm it with `POST /_sim/faults/next_instance {"price_multiplier": 1.5}`;
+it is fixed at create, so arming it on an existing instance changes nothing.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -76,6 +83,12 @@ class InstanceFaults:
     host_key_change_after: float | None = None  # seconds after `running`, the host key is replaced
     bandwidth_limit: int | None = None  # bytes per second: the "slow host"
     boot_delay: float | None = None  # overrides the cloud's boot delay for this instance
+    price_multiplier: float | None = None  # created at this multiple of the offer's price (see the module doc)
+
+    def __post_init__(self) -> None:
+        m = self.price_multiplier
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m) or m <= 0):
+            raise ValueError(f"price_multiplier must be a positive number, not {m!r}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> InstanceFaults:

@@ -1,8 +1,13 @@
 """The published SSH port of a simulated instance: a TCP relay in front of its SSH server.
 
-The relay owns the port the API publishes (`ports["22/tcp"]` and `ssh_port`), so the port stays put while the
-server behind it restarts (host key rotation), and so the host faults that only show on the wire live in one
-place: refusing connections for a while after boot, and a bandwidth limit (the slow host).
+Each host has one relay in front of its SSH server: the direct port (`ports["22/tcp"]`), which stays put while
+the server behind it restarts (host key rotation), and where the host faults that only show on the wire live:
+refusing connections for a while after boot, and a bandwidth limit (the slow host).
+
+The API adds a second relay per instance, its proxy port (`ssh_host`/`ssh_port`, Vast's `sshN.vast.ai` path),
+open from create to destroy. Its target is unset until the host's SSH is up, and it then forwards to the
+host's direct relay, so the host faults apply on both paths. A relay resets a connection it cannot carry (no
+target, target down, or a reset on the far side), as Vast's proxy does before the container's sshd is up.
 
 Relays and the fallback SSH servers outlive the calls that start them, which a task of the caller cannot
 express with structured concurrency; they run on one event loop of their own on a daemon thread
@@ -11,6 +16,7 @@ express with structured concurrency; they run on one event loop of their own on 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import random
 import socket
@@ -124,11 +130,14 @@ class _Pacer:
 
 
 class Relay(BackgroundService):
-    """Listens on a loopback port and forwards each connection to `target`, applying the host's SSH faults."""
+    """Listens on a loopback port and forwards each connection to `target`, applying the host's SSH faults.
+
+    `target` may be changed (or unset) while the relay serves; each new connection reads it once.
+    """
 
     def __init__(
         self,
-        target: tuple[str, int],
+        target: tuple[str, int] | None,
         *,
         refusing: Callable[[], bool] = lambda: False,
         rate: Callable[[], int | None] = lambda: None,
@@ -151,36 +160,57 @@ class Relay(BackgroundService):
 
     async def _handle(self, client: SocketStream) -> None:
         async with client:
-            if self._refusing():
-                # A reset, as a host whose SSH is not up yet gives: clients see "connection reset", not a hang.
-                sock = client.extra(SocketAttribute.raw_socket)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Read once: the API may retarget the relay from another thread while this connection runs.
+            target = self.target
+            if target is None or self._refusing():
+                _abort(client)
                 return
             try:
                 with anyio.fail_after(_CONNECT_TIMEOUT):
-                    server = await anyio.connect_tcp(*self.target)
+                    server = await anyio.connect_tcp(*target)
             except (OSError, TimeoutError):
+                _abort(client)
                 return
             async with server, anyio.create_task_group() as tg:
                 tg.start_soon(self._pump, client, server, self._up, tg.cancel_scope)
                 tg.start_soon(self._pump, server, client, self._down, tg.cancel_scope)
 
     async def _pump(self, src: SocketStream, dst: SocketStream, pacer: _Pacer, scope: anyio.CancelScope) -> None:
+        # A reset on one side resets the other: through the proxy, a host that refuses must look the same as it
+        # does on the direct port (a reset, no banner), not like a server that hung up politely.
         try:
             while True:
                 rate = self._rate()
-                # Under a limit, small chunks keep the pacing smooth instead of bursting a megabyte at a time.
-                data = await src.receive(max(4096, min(_CHUNK, rate // 20)) if rate else _CHUNK)
+                try:
+                    # Under a limit, small chunks keep the pacing smooth instead of bursting a megabyte at a time.
+                    data = await src.receive(max(4096, min(_CHUNK, rate // 20)) if rate else _CHUNK)
+                except (anyio.BrokenResourceError, OSError):
+                    _abort(dst)
+                    scope.cancel()
+                    return
                 if rate:
                     await pacer.wait(len(data), rate)
-                await dst.send(data)
+                try:
+                    await dst.send(data)
+                except (anyio.BrokenResourceError, OSError):
+                    _abort(src)
+                    scope.cancel()
+                    return
         except anyio.EndOfStream:
             try:
                 await dst.send_eof()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 scope.cancel()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except anyio.ClosedResourceError:
             scope.cancel()
+
+
+def _abort(stream: SocketStream) -> None:
+    """Make the coming close of `stream` a reset (RST) rather than an orderly end of stream (FIN)."""
+    # The socket may already be closed; there is nothing left to reset then.
+    with contextlib.suppress(OSError, anyio.TypedAttributeLookupError):
+        sock = stream.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def pick_loopback_endpoint() -> tuple[str, int]:

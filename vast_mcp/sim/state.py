@@ -3,6 +3,10 @@
 `SimCloud` is the only mutable object of the simulator. It is used from one event loop: enter it
 (`async with SimCloud(...) as cloud`) to get the task group that boots instances; leaving it destroys every
 instance, so backends end their processes. HTTP lives in `api.py`; this module knows nothing about requests.
+
+Every instance of a host backend with SSH has two addresses, as on Vast: the proxy (`ssh_host`/`ssh_port`), a
+relay this module opens at create and closes at destroy, which resets connections until the host's SSH is up;
+and the direct path (`public_ipaddr` + `ports["22/tcp"]`), the host's own port, published only while it runs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import anyio.abc
 from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_offer, storage_per_hour
 from .faults import FaultBook, InstanceFaults
 from .hosts import Host, HostBackend, HostSpec, StateOnlyBackend
+from .relay import Relay
 
 FIRST_INSTANCE_ID = 27_400_000
 FIRST_SSH_KEY_ID = 90_100
@@ -100,6 +105,8 @@ class SimInstance:
     faults: InstanceFaults
     log_path: Path
     jupyter_token: str | None
+    proxy: Relay | None = None  # the proxy SSH port, for the instance's whole life; None on state-only hosts
+    price_multiplier: float = 1.0  # the price-change fault: what the host charges over the offer's price
     actual_status: str | None = "created"
     intended_status: str = "running"
     cur_state: str = "running"
@@ -118,11 +125,16 @@ class SimInstance:
 
     @property
     def dph_base(self) -> float:
-        return float(self.bid_price) if self.bid_price is not None else float(self.offer["dph_base"])
+        base = float(self.bid_price) if self.bid_price is not None else float(self.offer["dph_base"])
+        return base * self.price_multiplier
 
     @property
     def storage_per_hour(self) -> float:
-        return storage_per_hour(self.offer, self.disk)
+        return storage_per_hour(self.offer, self.disk) * self.price_multiplier
+
+    @property
+    def proxy_port(self) -> int | None:
+        return None if self.proxy is None or self.destroyed else self.proxy.port
 
     @property
     def dph_total(self) -> float:
@@ -451,6 +463,19 @@ class SimCloud:
         instance_id = self._next_instance_id
         self._next_instance_id += 1
         self._rented[offer_id] = instance_id  # before any await: two creates must not rent one offer
+        proxy: Relay | None = None
+        # State-only hosts have no SSH at all, so they get no address either.
+        if not isinstance(self.backend, StateOnlyBackend):
+            proxy = Relay(None)
+            try:
+                await proxy.open()
+                if self._tg is None:  # the cloud shut down meanwhile: nothing would ever close this port
+                    raise SimError(503, "server_error", "The simulated cloud is shutting down.")
+            except BaseException:
+                self._rented.pop(offer_id, None)
+                with anyio.CancelScope(shield=True):
+                    await proxy.close()
+                raise
         api_key = secrets.token_hex(32)
         inst_dir = self.root_dir / str(instance_id)
         log_path = inst_dir / "instance.log"
@@ -491,6 +516,8 @@ class SimCloud:
             faults=faults,
             log_path=log_path,
             jupyter_token=secrets.token_hex(16) if "jupyter" in runtype else None,
+            proxy=proxy,
+            price_multiplier=faults.price_multiplier or 1.0,
             bill_mark=now,
         )
         self.instances[instance_id] = inst
@@ -500,7 +527,10 @@ class SimCloud:
         return inst
 
     def set_faults(self, instance_id: int, faults: InstanceFaults) -> SimInstance:
-        """Arm faults on an existing instance; they act from its next boot (and SSH/bandwidth ones at once)."""
+        """Arm faults on an existing instance; they act from its next boot (and SSH/bandwidth ones at once).
+
+        `price_multiplier` is fixed when an instance is created, so it has no effect here.
+        """
         inst = self.instances.get(instance_id)
         if inst is None:
             raise SimError(404, "no_such_instance", f"Instance {instance_id} not found.")
@@ -534,7 +564,7 @@ class SimCloud:
     async def reboot(self, instance_id: int) -> None:
         inst = self.require(instance_id)
         await self._stop_lifecycle(inst)
-        await self._bounded(inst.host.stop())
+        await self._stop_host(inst)
         await self._set_status(inst, "rebooting", "Rebooting")
         inst.intended_status = inst.cur_state = "running"
         self._start_lifecycle(inst, first_boot=False)
@@ -615,17 +645,18 @@ class SimCloud:
         now = self.clock()
         self._accrue(inst, now)
         offer = inst.offer
+        # The direct path exists only while the host runs; the proxy from create to destroy.
         port = inst.host.ssh_port if not inst.destroyed else None
         direct = "_direc" in inst.runtype
         ports: dict[str, list[dict[str, str]]] = {}
-        ssh_host: str | None = None
-        ssh_port: int | None = None
-        if port is not None:
-            ssh_host = "127.0.0.1"
-            # The CLI adds 1 to the proxy port for jupyter runtypes (Vast puts jupyter first), so report one less.
-            ssh_port = port - 1 if "jupyter" in inst.runtype and not direct else port
-            if direct:
-                ports["22/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
+        if port is not None and direct:
+            ports["22/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
+        proxy_port = inst.proxy_port
+        ssh_host = None if proxy_port is None else "127.0.0.1"
+        ssh_port = proxy_port
+        # The CLI adds 1 to the proxy port for jupyter runtypes (Vast puts jupyter first), so report one less.
+        if proxy_port is not None and "jupyter" in inst.runtype:
+            ssh_port = proxy_port - 1
         uptime = 0.0 if inst.running_since is None or inst.actual_status != "running" else now - inst.running_since
         running = inst.actual_status == "running"
         return {
@@ -731,6 +762,8 @@ class SimCloud:
             "dph_total": inst.dph_total,
             "cost": round(inst.cost, 9),
             "ssh_port": None if inst.destroyed else inst.host.ssh_port,
+            "proxy_port": inst.proxy_port,
+            "price_multiplier": inst.price_multiplier,
             "alive_pids": inst.host.alive_pids(),
             "authorized_keys": len(inst.spec.authorized_keys),
             "faults": self.faults.describe()["instances"].get(str(inst.id)),
@@ -815,13 +848,16 @@ class SimCloud:
         except Exception as exc:
             await self._set_status(inst, "exited", f"host failed to start: {exc}")
             return
+        # The proxy carries connections from the moment the host's SSH is up, while the status may still say
+        # loading: clients probing the proxy see readiness before their next poll of the API would.
+        self._route_proxy(inst)
         remaining = delay * 0.8 - (anyio.current_time() - started)
         if remaining > 0:
             await anyio.sleep(remaining)
         port = inst.host.ssh_port
         # The "SSH refuses" fault means exactly that the status says running before SSH accepts.
         if port is not None and faults.ssh_refuse_for is None and not await _port_accepts(port, self.port_wait):
-            await self._bounded(inst.host.stop())
+            await self._stop_host(inst)
             await self._set_status(inst, "exited", f"ssh did not accept connections within {self.port_wait:g}s")
             return
         await self._set_status(inst, "running", f"success, running {inst.image or 'image'}")
@@ -841,14 +877,14 @@ class SimCloud:
                 await self._bounded(inst.host.rotate_host_key())
                 await self._log(inst, "host key changed")
             else:
-                await self._bounded(inst.host.stop())
+                await self._stop_host(inst)
                 await self._set_status(inst, "exited", "container exited with code 1")
                 return
 
     async def _stop(self, inst: SimInstance) -> None:
         await self._stop_lifecycle(inst)
         inst.intended_status = inst.cur_state = "stopped"
-        await self._bounded(inst.host.stop())
+        await self._stop_host(inst)
         await self._set_status(inst, "stopped", "Stopped by user")
 
     async def _destroy(self, inst: SimInstance) -> None:
@@ -862,9 +898,26 @@ class SimCloud:
         inst.intended_status = "stopped"
         self._rented.pop(int(inst.offer["id"]), None)
         try:
-            await self._bounded(inst.host.destroy())
+            if inst.proxy is not None:
+                inst.proxy.target = None
+                await self._bounded(inst.proxy.close())
         finally:
-            await self._log(inst, "destroyed")
+            try:
+                await self._bounded(inst.host.destroy())
+            finally:
+                await self._log(inst, "destroyed")
+
+    def _route_proxy(self, inst: SimInstance) -> None:
+        """Point the proxy at the host's SSH port, or unset it (connections reset) while the host has none."""
+        if inst.proxy is not None:
+            port = inst.host.ssh_port
+            inst.proxy.target = None if port is None else ("127.0.0.1", port)
+
+    async def _stop_host(self, inst: SimInstance) -> None:
+        # Unroute first, so no new connection is carried to a host that is going away.
+        if inst.proxy is not None:
+            inst.proxy.target = None
+        await self._bounded(inst.host.stop())
 
     async def _bounded(self, awaitable: Any) -> None:
         with anyio.fail_after(DESTROY_TIMEOUT):
