@@ -6,12 +6,13 @@ structured result, and turns every failure the agent can act on into a `ToolErro
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server import MCPServer
@@ -61,6 +62,29 @@ class Approval(BaseModel):
 
 
 InstanceId = Annotated[int, Field(ge=1, le=2**53, description="Vast instance id (from create_instance).")]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def tool(
+    mcp: MCPServer, title: str, *, read_only: bool, destructive: bool, idempotent: bool, open_world: bool
+) -> Callable[[F], F]:
+    """Register a tool with its title, all four hints, and its docstring (dedented) as the description."""
+
+    def register(fn: F) -> F:
+        annotations = ToolAnnotations(
+            title=title,
+            read_only_hint=read_only,
+            destructive_hint=destructive,
+            idempotent_hint=idempotent,
+            open_world_hint=open_world,
+        )
+        description = inspect.cleandoc(fn.__doc__ or "")
+        mcp.tool(title=title, description=description, annotations=annotations)(fn)
+        return fn
+
+    return register
 
 
 def _result(model: BaseModel, text: str) -> CallToolResult:
@@ -305,13 +329,7 @@ def build_server(settings: Settings) -> MCPServer:
 
     mcp = MCPServer("vast", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
 
-    @mcp.tool(
-        title="Search GPU offers",
-        annotations=ToolAnnotations(
-            title="Search GPU offers", read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Search GPU offers", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def search_offers(
         ctx: Context[Service, Any],
         gpu_name: Annotated[
@@ -358,13 +376,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).search(query=query, filters=filters, disk_gb=disk_gb, order=order, limit=limit)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Rent a GPU instance",
-        annotations=ToolAnnotations(
-            title="Rent a GPU instance", read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Rent a GPU instance", read_only=False, destructive=False, idempotent=False, open_world=True)
     async def create_instance(
         ctx: Context[Service, Any],
         approval: Annotated[ElicitationResult[Approval], Resolve(_ask_user)],
@@ -433,13 +445,7 @@ def build_server(settings: Settings) -> MCPServer:
                 result = await service.create(request, quote, approved_by, _progress(ctx))
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Wait until the instance is usable",
-        annotations=ToolAnnotations(
-            title="Wait until the instance is usable", read_only_hint=True, destructive_hint=False,
-            idempotent_hint=True, open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Wait until the instance is usable", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def wait_ready(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -455,13 +461,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).wait_ready(instance_id, timeout_s, _progress(ctx))
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Destroy an instance",
-        annotations=ToolAnnotations(
-            title="Destroy an instance", read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Destroy an instance", read_only=False, destructive=True, idempotent=True, open_world=True)
     async def destroy(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -479,26 +479,14 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).destroy(instance_id, foreign_ok=confirm_not_mine)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="List this session's instances",
-        annotations=ToolAnnotations(
-            title="List this session's instances", read_only_hint=True, destructive_hint=False,
-            idempotent_hint=True, open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "List this session's instances", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def list_instances(ctx: Context[Service, Any]) -> Annotated[CallToolResult, InstancesResult]:
         """The instances this session created: status, $/hour, uptime and accrued cost, plus the session total."""
         with _agent_errors():
             result = await _service(ctx).list_session()
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Keep an instance after the session",
-        annotations=ToolAnnotations(
-            title="Keep an instance after the session", read_only_hint=False, destructive_hint=False,
-            idempotent_hint=True, open_world_hint=False,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Keep an instance", read_only=False, destructive=False, idempotent=True, open_world=True)
     async def keep_instance(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -512,13 +500,7 @@ def build_server(settings: Settings) -> MCPServer:
         what = "kept after the session ends (it keeps billing)" if keep else "destroyed when the session ends"
         return _result(result, f"Instance {instance_id} will be {what}.\n" + result.summary())
 
-    @mcp.tool(
-        title="Upload files",
-        annotations=ToolAnnotations(
-            title="Upload files", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Upload files", read_only=False, destructive=False, idempotent=True, open_world=True)
     async def upload(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -554,13 +536,7 @@ def build_server(settings: Settings) -> MCPServer:
                 )
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Download results",
-        annotations=ToolAnnotations(
-            title="Download results", read_only_hint=False, destructive_hint=False, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Download results", read_only=False, destructive=False, idempotent=True, open_world=True)
     async def download(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -591,13 +567,7 @@ def build_server(settings: Settings) -> MCPServer:
                 )
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Start a background job",
-        annotations=ToolAnnotations(
-            title="Start a background job", read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Start a background job", read_only=False, destructive=False, idempotent=False, open_world=True)
     async def exec_background(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -623,13 +593,7 @@ def build_server(settings: Settings) -> MCPServer:
             )
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Follow a job's log",
-        annotations=ToolAnnotations(
-            title="Follow a job's log", read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Follow a job's log", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def tail_log(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -652,13 +616,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).tail(instance_id, job_id, cursor=cursor, wait=wait_s, max_bytes=max_bytes)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Cancel a job",
-        annotations=ToolAnnotations(
-            title="Cancel a job", read_only_hint=False, destructive_hint=True, idempotent_hint=True,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Cancel a job", read_only=False, destructive=True, idempotent=True, open_world=True)
     async def cancel_job(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -669,13 +627,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).cancel(instance_id, job_id)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Run a short command",
-        annotations=ToolAnnotations(
-            title="Run a short command", read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Run a short command", read_only=False, destructive=False, idempotent=False, open_world=True)
     async def run_command(
         ctx: Context[Service, Any],
         instance_id: InstanceId,
@@ -688,13 +640,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await _service(ctx).run_command(instance_id, command, timeout_s)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Run a job on a rented GPU",
-        annotations=ToolAnnotations(
-            title="Run a job on a rented GPU", read_only_hint=False, destructive_hint=False, idempotent_hint=False,
-            open_world_hint=True,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Run a job on a rented GPU", read_only=False, destructive=False, idempotent=False, open_world=True)
     async def run_job(
         ctx: Context[Service, Any],
         planning: Annotated[_RunPlanning, Resolve(_plan_run_job)],
@@ -825,13 +771,7 @@ def build_server(settings: Settings) -> MCPServer:
             result = await book.view(run)
         return _result(result, result.summary())
 
-    @mcp.tool(
-        title="Follow a run",
-        annotations=ToolAnnotations(
-            title="Follow a run", read_only_hint=True, destructive_hint=False, idempotent_hint=True,
-            open_world_hint=False,
-        ),
-    )  # fmt: skip
+    @tool(mcp, "Follow a run", read_only=True, destructive=False, idempotent=True, open_world=False)
     async def run_status(
         ctx: Context[Service, Any],
         run_id: Annotated[str, Field(min_length=1, max_length=64, description="run_id from run_job.")],

@@ -266,6 +266,7 @@ async def test_tools_list_snapshot(settings: Settings) -> None:
         "tools": {
             t.name: {
                 "title": t.title,
+                "description": t.description,
                 "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations else None,
                 "input": t.input_schema,
                 "output_keys": sorted((t.output_schema or {}).get("properties", {})),
@@ -280,6 +281,7 @@ async def test_tools_list_snapshot(settings: Settings) -> None:
         hints = (annotations.read_only_hint, annotations.destructive_hint, annotations.idempotent_hint)
         assert None not in hints and annotations.open_world_hint is not None, tool.name
         assert tool.description and len(tool.description) > 80, tool.name
+        assert "\n    " not in tool.description, f"{tool.name}: description keeps the docstring's indentation"
     if not SNAPSHOT.exists():
         SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
     assert current == json.loads(SNAPSHOT.read_text()), "tool schemas changed: delete the snapshot to accept them"
