@@ -393,32 +393,45 @@ class Service:
             self._beating[instance_id] = host
             finish(ready_result(instance_id, current, host, info, time.monotonic() - started), scope)
 
-        async with anyio.create_task_group() as tg:
-            with anyio.move_on_after(budget):
-                while True:
-                    inst = await self.client.show_instance(instance_id)
-                    if inst is None:
-                        raise VastMCPError(f"Instance {instance_id} no longer exists on Vast. Search for a new offer.")
-                    latest.append(inst)
-                    if inst.actual_status in FAILED_STATUSES:
-                        failed = ReadyResult(
-                            instance_id=instance_id,
-                            ready=False,
-                            failed=True,
-                            status=inst.actual_status,
-                            status_msg=inst.status_msg,
-                            waited_s=time.monotonic() - started,
-                        )
-                        finish(failed, tg.cancel_scope)
-                        break
-                    for address in (inst.direct_ssh(), inst.proxy_ssh()):
-                        if address is not None and address not in probing:
-                            probing.add(address)
-                            tg.start_soon(probe, inst, address, tg.cancel_scope)
-                    status = inst.actual_status or "scheduling"
-                    await progress(time.monotonic() - started, budget, f"instance {instance_id}: {status}")
-                    await anyio.sleep(API_POLL_S)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.move_on_after(budget):
+                    while True:
+                        inst = await self.client.show_instance(instance_id)
+                        if inst is None:
+                            raise VastMCPError(
+                                f"Instance {instance_id} no longer exists on Vast. Search for a new offer."
+                            )
+                        latest.append(inst)
+                        if inst.actual_status in FAILED_STATUSES:
+                            failed = ReadyResult(
+                                instance_id=instance_id,
+                                ready=False,
+                                failed=True,
+                                status=inst.actual_status,
+                                status_msg=inst.status_msg,
+                                waited_s=time.monotonic() - started,
+                            )
+                            finish(failed, tg.cancel_scope)
+                            break
+                        for address in (inst.direct_ssh(), inst.proxy_ssh()):
+                            if address is not None and address not in probing:
+                                probing.add(address)
+                                tg.start_soon(probe, inst, address, tg.cancel_scope)
+                        status = inst.actual_status or "scheduling"
+                        await progress(time.monotonic() - started, budget, f"instance {instance_id}: {status}")
+                        await anyio.sleep(API_POLL_S)
+                tg.cancel_scope.cancel()
+        except ExceptionGroup as group:
+            # The task group wraps what its tasks raise (an API error mid-storm, a changed host key, a vanished
+            # instance); a group reaches the agent as an opaque failure, so the first error of ours goes as itself.
+            ours = group.subgroup(VastMCPError)
+            if ours is None:
+                raise
+            first: BaseException = ours
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         if outcome:
             return outcome[0]
         inst = latest[-1]
