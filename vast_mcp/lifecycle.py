@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -22,6 +23,24 @@ from .config import Settings
 log = logging.getLogger("vast_mcp.lifecycle")
 
 PARENT_POLL_S = 0.5
+EXIT_WAIT_S = 120.0  # longest a departed client's server waits for its session to close before exiting anyway
+
+SESSION_CLOSED = threading.Event()
+"""Set once the server's session has released everything: its teardown is done, or handed to a reaper."""
+
+
+def _exit_once_closed(why: str) -> None:
+    """End the process once the session is closed (runs in a daemon thread).
+
+    After a signal or the parent's death nobody may ever close our stdin, and the SDK reads stdin in a worker
+    thread that cancellation cannot interrupt: without this the server would linger, torn down but alive,
+    until someone happens to close the pipe.
+    """
+    SESSION_CLOSED.wait(EXIT_WAIT_S)
+    log.info("server stopped: %s", why)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
 
 
 def spawn_reaper(settings: Settings, session_id: str) -> int:
@@ -79,6 +98,7 @@ async def run_until_client_leaves(serve: Callable[[], Awaitable[None]]) -> str:
             reason = why
             log.warning("client gone (%s): ending the session", why)
             tg.cancel_scope.cancel()
+            threading.Thread(target=_exit_once_closed, args=(why,), name="exit-once-closed", daemon=True).start()
 
         tg.start_soon(watch_signals, leave)
         tg.start_soon(watch_parent, leave)
