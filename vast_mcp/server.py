@@ -313,7 +313,7 @@ def build_server(settings: Settings) -> MCPServer:
     async def lifespan(server: MCPServer) -> AsyncIterator[Service]:
         async with Service.open(settings) as service, anyio.create_task_group() as tg:
             tg.start_soon(service.heartbeat_forever)
-            tg.start_soon(service.reap_dead_sessions)
+            tg.start_soon(service.sweep_forever)
             runs = run_books[service.session_id] = RunBook(service, tg)
             try:
                 yield service

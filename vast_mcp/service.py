@@ -62,6 +62,7 @@ ApprovedBy = Literal["user", "quote_id", "auto_approve"]
 FAILED_STATUSES = frozenset({"exited", "offline", "unknown"})
 API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
 HEARTBEAT_S = 60.0
+SWEEP_S = 60.0  # how often a running server looks for sessions that died since it started
 OUTPUT_CAP = 64 * 1024  # bytes of command output returned to the model; the middle is cut, and that is said
 TEARDOWN_INLINE_S = 1.2  # what the stdio host leaves us after closing stdin, minus a margin
 
@@ -196,8 +197,24 @@ class Service:
                     except VastMCPError as exc:
                         log.info("heartbeat to instance %s missed: %s", instance_id, exc)
 
+    async def sweep_forever(self) -> None:
+        """Destroy what dead sessions left behind: at start-up, then every few heartbeats for as long as we run.
+
+        Servers sharing a state dir can run for days side by side; when one of them crashes, its instances must
+        not bill until some server happens to start again. The sweep runs at least as often as the heartbeat, so
+        the live server gets there before the dead one's instances would have to destroy themselves.
+        """
+        lease = self.settings.lease_s
+        period = SWEEP_S if lease is None else min(SWEEP_S, lease / 4)
+        while True:
+            try:
+                await self.reap_dead_sessions()
+            except VastMCPError as exc:
+                log.warning("sweep of dead sessions failed (retried in %.0f s): %s", period, exc)
+            await anyio.sleep(period)
+
     async def reap_dead_sessions(self) -> ReapReport:
-        """Destroy what servers that died on this account left behind (run at start-up)."""
+        """Destroy what servers that died on this account left behind (one sweep)."""
         report = await reap_dead_sessions(self.client, self.ledger, self.scope)
         if report.destroyed or report.failed:
             log.warning("start-up sweep of dead sessions: %s", report.summary())
