@@ -692,6 +692,7 @@ async def host_key_changes(run: Run) -> float | None:
         result = await run.call(client, "run_command", {"instance_id": iid, "command": "true"}, ok=False)
         text = result_text(result)
         run.expect(result.is_error and "host key" in text and "changed" in text, f"refused with a clear error: {text}")
+        run.expect(f"instance {iid} at" in text, f"the error names the instance by its id: {text}")
         run.note("host key rotated after the pin; the next command was refused: " + text[:70] + "…")
         t0 = time.monotonic()
     cleanup = await run.settle(t0)

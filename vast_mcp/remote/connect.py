@@ -58,6 +58,11 @@ class SSHTarget:
     user: str = "root"
 
     @property
+    def name(self) -> str:
+        """The instance id for messages (pin ids may be scoped as `<account>/<id>`)."""
+        return self.host_id.rsplit("/", 1)[-1]
+
+    @property
     def address(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
@@ -486,7 +491,7 @@ class RemoteHosts:
 
 def _changed(t: SSHTarget, pin: PinnedKey, presented: asyncssh.SSHKey) -> HostKeyChangedError:
     return HostKeyChangedError(
-        f"The host key of instance {t.host_id} at {t.host}:{t.port} changed: it was pinned as {pin.fingerprint} "
+        f"The host key of instance {t.name} at {t.host}:{t.port} changed: it was pinned as {pin.fingerprint} "
         f"on first contact, now it presents {fingerprint(presented)}. Nothing was sent to it. This happens when "
         "another machine answers at that address (a man-in-the-middle, or the address was reassigned) or when the "
         "instance was rebuilt. Do not connect; if the instance is yours and was re-created, destroy it and rent a "
