@@ -121,6 +121,8 @@ async def test_env_cwd_and_listing(remote: RemoteHost, instance: SimInstance) ->
     assert log == b"s3cr'et in /root/work dir\n"
     ps = await remote.run("ps -eo args")
     assert "s3cr" not in ps.stdout
+    on_disk = await remote.run("grep -rl --exclude=log s3cr ~/.vast-mcp/jobs || true")
+    assert on_disk.stdout == "", "the job's secrets must not stay on the instance's disk"
     jobs = await list_jobs(remote)
     assert [j.job_id for j in jobs] == [status.job_id]
     assert jobs[0].command == 'echo "$TOKEN in $(pwd)"'

@@ -158,7 +158,11 @@ async def start_job(
     `env` values go into a 0600 script on the instance, never onto a command line where `ps` would show them.
     """
     job_id = _check_id(job_id or new_job_id())
-    lines = ["set -a"] if env else []
+    # The script may hold secrets: it unlinks itself as soon as the shell has it open (the shell keeps reading
+    # through its descriptor), so nothing is left on the instance's disk.
+    lines = ['rm -f -- "$0"']
+    if env:
+        lines.append("set -a")
     for name, value in (env or {}).items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
             raise ValueError(f"Environment variable name {name!r} is not valid.")
