@@ -20,6 +20,10 @@ def _logging() -> None:
     # stdout belongs to the MCP protocol; every log line goes to stderr.
     level = os.environ.get("VAST_MCP_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The SSH and HTTP libraries log every channel and request at INFO, and asyncssh logs command lines at DEBUG
+    # (where a secret typed into a command would show): ours say what matters.
+    for noisy in ("asyncssh", "httpx2", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def serve(*, http: bool = False, port: int = 8765) -> int:
