@@ -9,6 +9,7 @@ from vastai.api.instances import build_create_instance_payload, resolve_runtype
 from vastai.utils import parse_env
 
 from vast_mcp.vast.create import build_create_body, parse_docker_env
+from vast_mcp.vast.models import Instance
 
 CAPTURED_ENV = '-e KEY=VAL -e B="x y" -e C=a=b -p 8080:8080 -p 7000:7000/udp -h myhost -v /a:/b -n net1'
 
@@ -102,3 +103,13 @@ _env_text = st.lists(st.one_of(_env_token, st.text(alphabet="ab=:/'\" -_.", max_
 @given(_env_text)
 def test_env_parsing_equals_cli(text: str) -> None:
     assert parse_docker_env(text) == parse_env(text)
+
+
+def test_ssh_addresses_as_vastai_ssh_url_reads_them() -> None:
+    row = {"id": 1, "ssh_host": "ssh5.vast.ai", "ssh_port": 12345, "public_ipaddr": "1.2.3.4 ", "ports": {}}
+    assert Instance.model_validate({**row, "image_runtype": "ssh_proxy"}).ssh_address() == ("ssh5.vast.ai", 12345)
+    jupyter = Instance.model_validate({**row, "image_runtype": "jupyter_proxy ssh_proxy"})
+    assert jupyter.proxy_ssh() == ("ssh5.vast.ai", 12346)
+    ports = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "40001"}]}
+    direct = Instance.model_validate({**row, "image_runtype": "ssh_direc ssh_proxy", "ports": ports})
+    assert direct.ssh_address() == ("1.2.3.4", 40001)

@@ -89,20 +89,17 @@ class Instance(VastModel):
         return self.public_ipaddr.strip(), int(bindings[0].HostPort)
 
     def proxy_ssh(self) -> tuple[str, int] | None:
-        """`(host, port)` of the proxy SSH path (Vast's `sshN.vast.ai` relays)."""
+        """`(host, port)` of the proxy SSH path (Vast's `sshN.vast.ai` relays), assigned at creation.
+
+        For jupyter runtypes SSH is one port above `ssh_port` (jupyter takes the first), as `vastai ssh-url` knows.
+        """
         if not self.ssh_host or not self.ssh_port:
             return None
-        return self.ssh_host, int(self.ssh_port)
+        return self.ssh_host, int(self.ssh_port) + (1 if "jupyter" in (self.image_runtype or "") else 0)
 
     def ssh_address(self) -> tuple[str, int] | None:
-        """The address `vastai ssh-url` would print: direct when published, else proxy (+1 for jupyter)."""
-        direct = self.direct_ssh()
-        if direct:
-            return direct
-        proxy = self.proxy_ssh()
-        if proxy and "jupyter" in (self.image_runtype or ""):
-            return proxy[0], proxy[1] + 1
-        return proxy
+        """The address `vastai ssh-url` would print: direct when published, else proxy."""
+        return self.direct_ssh() or self.proxy_ssh()
 
 
 class InstancePage(VastModel):
