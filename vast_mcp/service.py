@@ -157,22 +157,17 @@ class Service:
         anything; see `teardown`."""
         await anyio.to_thread.run_sync(lambda: settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
         key = await load_client_key(settings.state_dir, settings.ssh_key_path)
-        try:
-            async with (
-                VastClient(settings.api_key, settings.vast_url) as client,
-                await Ledger.open(ledger_path(settings.state_dir)) as ledger,
-            ):
-                session = await ledger.start_session(account_scope(settings.vast_url, settings.api_key))
-                service = cls(settings, client, ledger, session, key)
-                try:
-                    yield service
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await service.hosts.aclose()
-        finally:
-            from .lifecycle import SESSION_CLOSED
-
-            SESSION_CLOSED.set()
+        async with (
+            VastClient(settings.api_key, settings.vast_url) as client,
+            await Ledger.open(ledger_path(settings.state_dir)) as ledger,
+        ):
+            session = await ledger.start_session(account_scope(settings.vast_url, settings.api_key))
+            service = cls(settings, client, ledger, session, key)
+            try:
+                yield service
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await service.hosts.aclose()
 
     @property
     def session_id(self) -> str:

@@ -17,7 +17,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from .results import (
     RunTry,
     RunView,
 )
-from .service import ApprovedBy, CreateRequest, Service, quote_view
+from .service import ApprovedBy, CreateRequest, Progress, Service, quote_view
 from .vast.query import OfferFilters
 
 log = logging.getLogger("vast_mcp.workflow")
@@ -65,8 +65,6 @@ _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?Z?\s*")
 CANCEL_WAIT_S = 0.3  # what session teardown grants runs to stop before it destroys their instances
 RESULTS_FOLDER = "vast-results"
 PENDING_KEEP = 100  # plans shown for approval that are remembered; a spent one still answers "already paid"
-
-Progress = Callable[[float, float | None, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The MCP tools, by what they act on; `server.py` registers them all."""
