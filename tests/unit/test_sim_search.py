@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from vast_mcp.sim.search import match_offers
+from vast_mcp.sim.search import filter_rows, match_offers, sort_rows
 from vast_mcp.vast.query import build_offer_query
 
 OFFERS: list[dict[str, Any]] = [
@@ -180,3 +180,17 @@ def test_results_are_copies() -> None:
 def test_malformed_queries_raise_value_error(query: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         match_offers(OFFERS, query)
+
+
+def test_select_filters_match_null_through_an_in_list() -> None:
+    """The CLI's `--label '' train` sends `{"label": {"in": [null, "train"]}}` for unlabelled or "train" instances."""
+    rows: list[dict[str, Any]] = [
+        {"id": 1, "label": None},
+        {"id": 2, "label": "train"},
+        {"id": 3, "label": "x"},
+        {"id": 4},
+    ]
+    assert [r["id"] for r in filter_rows(rows, {"label": {"in": [None, "train"]}})] == [1, 2, 4]
+    assert [r["id"] for r in filter_rows(rows, {"label": {"nin": ["train"]}})] == [3]
+    assert [r["id"] for r in filter_rows(rows, {"id": {"in": ["2", "3"]}})] == [2, 3]
+    assert [r["id"] for r in sort_rows(rows, [("label", True), ("id", False)])] == [3, 2, 1, 4]

@@ -25,8 +25,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .faults import InstanceFaults, RouteFault
-from .search import match_offers
-from .state import Principal, SimCloud, SimError, check_filters, order_rows, row_matches
+from .search import filter_rows, match_offers, sort_rows
+from .state import Principal, SimCloud, SimError
 
 V1_PAGE_MAX = 25
 DEFAULT_LOG_DELAY = 0.5  # seconds a log "upload" takes before its result_url answers 200
@@ -165,12 +165,18 @@ async def search_asks(call: Call) -> Response:
     return _search(call, body.get("q", {}))
 
 
-async def templates(call: Call) -> Response:
-    filters = call.query.get("select_filters") or {}
+def _select(rows: list[dict[str, Any]], filters: Any) -> list[dict[str, Any]]:
+    """The rows that pass a `select_filters` query param, which uses the offer search's operators."""
     if not isinstance(filters, dict):
         raise SimError(400, "invalid_args", "Invalid args: select_filters must be a JSON object")
-    check_filters(filters)
-    found = [dict(t) for t in call.cloud.templates if row_matches(t, filters)]
+    try:
+        return filter_rows(rows, filters)
+    except ValueError as exc:
+        raise SimError(400, "invalid_args", f"Invalid args: {exc}") from None
+
+
+async def templates(call: Call) -> Response:
+    found = _select(call.cloud.templates, call.query.get("select_filters") or {})
     return JSONBody({"success": True, "templates_found": len(found), "templates": found})
 
 
@@ -247,13 +253,12 @@ def _offset(token: Any) -> int:
 
 async def list_instances_v1(call: Call) -> Response:
     q = call.query
-    filters = q.get("select_filters") or {}
+    rows = _select([call.cloud.row(i) for i in call.cloud.visible_instances()], q.get("select_filters") or {})
     order_by = q.get("order_by") or [{"col": "id", "dir": "asc"}]
-    if not isinstance(filters, dict) or not isinstance(order_by, list):
-        raise SimError(400, "invalid_args", "Invalid args: select_filters must be an object and order_by a list")
-    check_filters(filters)
+    if not isinstance(order_by, list):
+        raise SimError(400, "invalid_args", "Invalid args: order_by must be a JSON list")
     try:
-        order = [(str(o["col"]), str(o.get("dir", "asc"))) for o in order_by]
+        order = [(str(o["col"]), str(o.get("dir", "asc")).lower() == "desc") for o in order_by]
     except (TypeError, KeyError, AttributeError):
         raise SimError(
             400, "invalid_args", 'Invalid args: order_by entries look like {"col": "id", "dir": "asc"}'
@@ -264,9 +269,8 @@ async def list_instances_v1(call: Call) -> Response:
         raise SimError(400, "invalid_args", "Invalid args: limit must be an integer") from None
     offset = _offset(q["after_token"]) if q.get("after_token") else 0
 
-    rows = [call.cloud.row(i) for i in call.cloud.visible_instances()]
-    matched = order_rows([r for r in rows if row_matches(r, filters)], order)
-    page = [dict(r) for r in matched[offset : offset + limit]]
+    matched = sort_rows(rows, order)
+    page = matched[offset : offset + limit]
     cols = q.get("select_cols")
     if isinstance(cols, list) and cols and "*" not in cols:
         wanted = {"id", *map(str, cols)}

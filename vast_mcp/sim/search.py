@@ -1,38 +1,68 @@
-"""Offer search on the simulated cloud: apply a `POST /api/v0/bundles/` body to a list of offers as Vast does.
+"""Filters and sort orders on the simulated cloud, as Vast applies them to offers, instances and templates.
 
-The CLI sends most values as strings (`num_gpus: {"eq": "1"}`), so numeric strings are read as numbers before
-comparing. Pricing for `allocated_storage` and `type` is the caller's job; this module only filters and sorts.
+One engine serves offer search (`POST /api/v0/bundles/`), the v1 instance list's `select_filters`/`order_by` and
+template search. The CLI sends most values as strings (`num_gpus: {"eq": "1"}`), so numeric strings are read as numbers
+before comparing. Pricing for `allocated_storage` and `type` is the caller's job; this module only filters and sorts.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vast_mcp.vast.query import BODY_KEYS, version_number
 
-OPERATORS = ("eq", "neq", "gt", "gte", "lt", "lte", "in", "notin")
+OPERATORS = ("eq", "neq", "gt", "gte", "lt", "lte", "in", "notin", "nin")
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _Comparison = Callable[[Any, Any], bool]
+Normalise = Callable[[str, Any, Sequence[Any]], Any]
+"""(field, value, the filter's targets) -> the value as compared; applied to the row's value and to each target."""
+
+
+def filter_rows(
+    rows: Sequence[Mapping[str, Any]], filters: Mapping[str, Any], normalise: Normalise | None = None
+) -> list[dict[str, Any]]:
+    """Copies of the rows that pass every `{field: {op: value}}` filter, in their order.
+
+    A null or missing value passes only `eq null` and an `in` list holding null (the CLI's `--label ''`).
+    Raises ValueError (the API answers 400) for a filter that is not an object or has an unknown operator.
+    """
+    tests = [
+        _filter(field, op, value, normalise or _as_is)
+        for field, ops in filters.items()
+        for op, value in _ops_of(field, ops).items()
+    ]
+    return [dict(row) for row in rows if all(test(row) for test in tests)]
+
+
+def sort_rows(rows: list[dict[str, Any]], keys: Sequence[tuple[str, bool]]) -> list[dict[str, Any]]:
+    """Stable sort by (field, descending) keys, first key first; rows missing a key go last in either direction."""
+    for field, descending in reversed(keys):
+        present = [row for row in rows if row.get(field) is not None]
+        missing = [row for row in rows if row.get(field) is None]
+        present.sort(key=lambda row: _sort_key(_coerce(row[field])), reverse=descending)
+        rows = present + missing
+    return rows
 
 
 def match_offers(offers: Sequence[Mapping[str, Any]], query: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The offers that pass every filter of `query`, sorted by its `order` and cut to its `limit`.
 
-    Raises ValueError (the API answers 400) for an unknown operator or a malformed `order` or `limit`.
+    Raises ValueError (the API answers 400) for a malformed filter, `order` or `limit`.
     """
-    tests = [
-        _filter(field, op, value)
-        for field, ops in query.items()
-        if field not in BODY_KEYS
-        for op, value in _ops_of(field, ops).items()
-    ]
-    matched = [dict(offer) for offer in offers if all(test(offer) for test in tests)]
-    matched = _sorted(matched, _order_of(query.get("order", [])))
+    matched = filter_rows(offers, {k: v for k, v in query.items() if k not in BODY_KEYS}, _offer_value)
+    matched = sort_rows(matched, _order_of(query.get("order", [])))
     limit = _limit_of(query.get("limit"))
     return matched if limit is None else matched[:limit]
+
+
+def number(value: Any) -> float | None:
+    """The value as a finite number when it is one or spells one (the CLI sends `"1"`, `"0.9"`); booleans are not."""
+    value = _coerce(value)
+    return float(value) if _kind(value) == "number" and math.isfinite(value) else None
 
 
 def _ops_of(field: str, ops: Any) -> Mapping[str, Any]:
@@ -44,53 +74,39 @@ def _ops_of(field: str, ops: Any) -> Mapping[str, Any]:
     return ops
 
 
-def _filter(field: str, op: str, wanted: Any) -> Callable[[Mapping[str, Any]], bool]:
-    """A predicate for one `field op value`; an offer without the field never passes."""
-    if op in ("in", "notin"):
-        items = wanted if isinstance(wanted, list) else [wanted]
-        choices = [_normalise(field, _coerce(item)) for item in items]
+def _filter(field: str, op: str, wanted: Any, normalise: Normalise) -> Callable[[Mapping[str, Any]], bool]:
+    """A predicate for one `field op value`."""
+    membership = op in ("in", "notin", "nin")
+    targets = [_coerce(item) for item in (wanted if membership and isinstance(wanted, list) else [wanted])]
+    targets = [normalise(field, target, targets) for target in targets]
 
-        def test_membership(offer: Mapping[str, Any]) -> bool:
-            have = _field_value(offer, field, choices)
-            if have is None:
-                return False
-            return any(_equal(have, choice) for choice in choices) == (op == "in")
-
-        return test_membership
-
-    target = _normalise(field, _coerce(wanted))
-
-    def test(offer: Mapping[str, Any]) -> bool:
-        have = _field_value(offer, field, [target])
-        if target is None:
-            # `field=null` asks whether the offer has the field at all.
-            return (have is None) == (op == "eq")
-        if have is None:
-            return False
-        return _COMPARE[op](have, target)
+    def test(row: Mapping[str, Any]) -> bool:
+        have = normalise(field, _coerce(row.get(field)), targets)
+        if have is None and op in ("neq", "notin", "nin"):
+            return False  # a null is not "other than" a value: these skip rows without the field
+        if membership:
+            return any(_equal(have, target) for target in targets) == (op == "in")
+        return _COMPARE[op](have, targets[0])
 
     return test
 
 
-def _field_value(offer: Mapping[str, Any], field: str, targets: Sequence[Any]) -> Any:
-    """The offer's value in the form the query compares against."""
-    value = offer.get(field)
-    # Offers carry "535.86.05"; the CLI sends 535086005 for dotted versions.
-    if field == "driver_version" and isinstance(value, str) and any(_kind(t) == "number" for t in targets):
-        number = version_number(value)
-        return value if number is None else number
-    if field == "geolocation" and isinstance(value, str):
-        if all(isinstance(target, str) and len(target) == 2 for target in targets):
-            return value.rsplit(",", 1)[-1].strip().lower()
-        return value.strip().lower()
-    return _normalise(field, value)
-
-
-def _normalise(field: str, value: Any) -> Any:
-    """Lower-case the fields Vast compares without regard to case."""
-    if field in ("gpu_name", "geolocation") and isinstance(value, str):
-        return value.strip().lower()
+def _as_is(field: str, value: Any, targets: Sequence[Any]) -> Any:
     return value
+
+
+def _offer_value(field: str, value: Any, targets: Sequence[Any]) -> Any:
+    """An offer field in the form Vast compares: some fields ignore case, and two follow what the CLI sends."""
+    if not isinstance(value, str):
+        return value
+    # Offers carry "535.86.05"; the CLI sends 535086005 for dotted versions.
+    if field == "driver_version" and any(_kind(t) == "number" for t in targets):
+        version = version_number(value)
+        return value if version is None else version
+    # `geolocation in [US,CA]` sends country codes; an offer's geolocation ends with one ("Texas, US").
+    if field == "geolocation" and all(isinstance(t, str) and len(t) == 2 for t in targets):
+        return value.rsplit(",", 1)[-1].strip().lower()
+    return value.strip().lower() if field in ("gpu_name", "geolocation") else value
 
 
 def _coerce(value: Any) -> Any:
@@ -149,16 +165,6 @@ def _order_of(order: Any) -> list[tuple[str, bool]]:
             raise ValueError(f'order direction for {item[0]!r} must be "asc" or "desc", got {item[1]!r}')
         keys.append((item[0], item[1] == "desc"))
     return keys
-
-
-def _sorted(offers: list[dict[str, Any]], keys: list[tuple[str, bool]]) -> list[dict[str, Any]]:
-    """Stable multi-key sort: sort by the last key first; offers missing a key go last in either direction."""
-    for field, descending in reversed(keys):
-        present = [offer for offer in offers if offer.get(field) is not None]
-        missing = [offer for offer in offers if offer.get(field) is None]
-        present.sort(key=lambda offer: _sort_key(offer[field]), reverse=descending)
-        offers = present + missing
-    return offers
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

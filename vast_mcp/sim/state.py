@@ -11,12 +11,11 @@ and the direct path (`public_ipaddr` + `ports["22/tcp"]`), the host's own port, 
 
 from __future__ import annotations
 
-import math
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_of
 from .faults import FaultBook, InstanceFaults
 from .hosts import Host, HostBackend, HostSpec, StateOnlyBackend
 from .relay import Relay
+from .search import number
 
 FIRST_INSTANCE_ID = 27_400_000
 FIRST_SSH_KEY_ID = 90_100
@@ -157,95 +157,6 @@ class LogRequest:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _number(value: Any) -> float | None:
-    """The value as a number when it is one or spells one (the CLI sends `"1"`, `"0.9"`); bools are not numbers."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
-def _equal(a: Any, b: Any) -> bool:
-    na, nb = _number(a), _number(b)
-    if na is not None and nb is not None:
-        return na == nb
-    if isinstance(a, bool) or isinstance(b, bool):
-        return bool(a) == bool(b) if isinstance(a, bool) and isinstance(b, bool) else str(a).lower() == str(b).lower()
-    return bool(a == b)
-
-
-def _compare(a: Any, b: Any) -> int | None:
-    na, nb = _number(a), _number(b)
-    if na is not None and nb is not None:
-        return (na > nb) - (na < nb)
-    if isinstance(a, str) and isinstance(b, str):
-        return (a > b) - (a < b)
-    return None
-
-
-FILTER_OPS = ("eq", "neq", "gt", "gte", "lt", "lte", "in", "notin", "nin")
-
-
-def check_filters(filters: Mapping[str, Any]) -> None:
-    """Refuse filters the API would refuse, with Vast's `invalid_args`."""
-    for name, cond in filters.items():
-        if not isinstance(cond, Mapping):
-            continue
-        for op, value in cond.items():
-            if op not in FILTER_OPS:
-                raise SimError(400, "invalid_args", f"Invalid args: unknown operator {op!r} for field {name!r}")
-            if op in ("in", "notin", "nin") and not isinstance(value, list):
-                raise SimError(400, "invalid_args", f"Invalid args: {op!r} on {name!r} needs a list")
-
-
-def row_matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
-    """Vast's filter semantics on one row: every operator must hold; numeric strings compare as numbers."""
-    for name, cond in filters.items():
-        value = row.get(name)
-        if not isinstance(cond, Mapping):
-            if not _equal(value, cond):
-                return False
-            continue
-        for op, want in cond.items():
-            if op == "eq":
-                ok = _equal(value, want)
-            elif op == "neq":
-                ok = not _equal(value, want)
-            elif op in ("in", "notin", "nin"):
-                inside = any(_equal(value, w) for w in want)
-                ok = inside if op == "in" else not inside
-            else:
-                cmp = _compare(value, want)
-                ok = cmp is not None and {"gt": cmp > 0, "gte": cmp >= 0, "lt": cmp < 0, "lte": cmp <= 0}[op]
-            if not ok:
-                return False
-    return True
-
-
-def order_rows(rows: Sequence[Mapping[str, Any]], order: Iterable[tuple[str, str]]) -> list[Mapping[str, Any]]:
-    """Sort by several columns; nulls last whatever the direction, as SQL NULLS LAST would."""
-    out = list(rows)
-    for col, direction in reversed(list(order)):
-        present = [r for r in out if r.get(col) is not None]
-        missing = [r for r in out if r.get(col) is None]
-
-        def key(r: Mapping[str, Any], col: str = col) -> tuple[int, float, str]:
-            v = r.get(col)
-            n = _number(v)
-            return (0, n, "") if n is not None else (1, 0.0, str(v))
-
-        present.sort(key=key, reverse=direction.lower() == "desc")
-        out = present + missing
-    return out
 
 
 class SimCloud:
@@ -941,10 +852,10 @@ async def _port_accepts(port: int, within: float) -> bool:
 def _float_arg(value: Any, name: str, default: float) -> float:
     if value is None:
         return default
-    number = _number(value)
-    if number is None:
+    parsed = number(value)
+    if parsed is None:
         raise SimError(400, "invalid_args", f"error 400/1782: Invalid args: {name} must be a number, not {value!r}")
-    return number
+    return parsed
 
 
 def _env_arg(value: Any) -> dict[str, str]:
@@ -965,14 +876,10 @@ def _env_arg(value: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "FILTER_OPS",
     "LogRequest",
     "Principal",
     "SimCloud",
     "SimError",
     "SimInstance",
     "SshKeyRecord",
-    "check_filters",
-    "order_rows",
-    "row_matches",
 ]
