@@ -341,8 +341,8 @@ def _try_words(t: RunTry) -> str:
     if t.outcome == "starting":
         return f"{where} starting"
     if t.outcome == "used":
-        end = "kept" if t.kept else "destroyed" if t.destroyed else "live"
-        return f"{where} ran the job ({end})"
+        end = ", kept" if t.kept else ", destroyed" if t.destroyed else ""
+        return f"{where} runs the job{end}" if not (t.kept or t.destroyed) else f"{where} ran the job{end}"
     end = ", kept" if t.kept else ", destroyed" if t.destroyed else ""
     return f"{where} failed{end}: {t.reason}"
 

@@ -610,7 +610,7 @@ class Service:
     ) -> LogResult:
         row = await self.require_own(instance_id)
         host = await self.connected(instance_id)
-        chunk = await tail_job(host, job_id, cursor=cursor, wait=wait, max_bytes=max_bytes)
+        chunk = await tail_job(host, job_id, cursor=cursor, wait=wait, max_bytes=max_bytes, until_end=True)
         if chunk.status.finished:
             await self._record_end(row, chunk.status)
         return LogResult(

@@ -388,7 +388,9 @@ class RunBook:
             for run in self._runs.values():
                 await run.done.wait()
 
-    async def view(self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES) -> RunView:
+    async def view(
+        self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES, *, with_approval: bool = False
+    ) -> RunView:
         text, start, nxt, skipped = run.read_log(cursor, max_bytes)
         return RunView(
             status=run.status,
@@ -400,7 +402,7 @@ class RunBook:
             instance_id=run.instance_id,
             job_id=run.job_id,
             tries=[t.view() for t in run.tries],
-            approval=run.plan.view(run.approved_by),
+            approval=run.plan.view(run.approved_by) if with_approval else None,
             log=text,
             cursor=start,
             next_cursor=nxt,
@@ -410,11 +412,13 @@ class RunBook:
         )
 
     async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
-        """Wait up to `wait_s` for new log after `cursor`, a new phase or try, or the end of the run."""
+        """Wait up to `wait_s` for the end of the run, or for a full page of new log after `cursor`.
+
+        Phases, tries and new log lines go out as progress notifications meanwhile, not as early answers: every
+        answer costs the agent a call and the characters it reads.
+        """
         deadline = time.monotonic() + wait_s
-        seen = (run.phase, len(run.tries))
-        # Details (each SSH probe while booting...) go out as progress notifications, not as an early answer.
-        while run.status == "running" and run.log_end <= cursor and (run.phase, len(run.tries)) == seen:
+        while run.status == "running" and run.log_end - cursor < READ_MAX_BYTES:
             left = deadline - time.monotonic()
             if left <= 0:
                 return

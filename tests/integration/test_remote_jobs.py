@@ -136,3 +136,14 @@ async def test_unknown_job(remote: RemoteHost) -> None:
         await tail_job(remote, "nope")
     with pytest.raises(ValueError):
         await job_status(remote, "../etc")
+
+
+async def test_tail_until_end_answers_once_per_page_not_per_line(remote: RemoteHost) -> None:
+    status = await start_job(remote, "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.1; done")
+    whole = await tail_job(remote, status.job_id, wait=20, until_end=True)
+    assert whole.text == "".join(f"line {i}\n" for i in range(1, 9))
+    assert whole.status.state == "exited" and not whole.more
+    status = await start_job(remote, "for i in 1 2 3 4 5 6 7 8; do echo line $i; sleep 0.1; done; sleep 30")
+    page = await tail_job(remote, status.job_id, wait=20, until_end=True, max_bytes=14)
+    assert page.text == "line 1\nline 2\n" and page.status.state == "running"
+    await cancel_job(remote, status.job_id, grace=1)

@@ -207,24 +207,27 @@ async def tail_job(
     cursor: int | None = 0,
     max_bytes: int = 64 * 1024,
     wait: float = 0.0,
+    until_end: bool = False,
 ) -> LogChunk:
     """Log text after byte `cursor` (None: the last `max_bytes`), at most `max_bytes` of it.
 
     With `wait`, the instance itself waits up to that many seconds for new output or the job's end before
-    answering, so following a job costs one round trip per call. Pass `next_cursor` back to continue: no byte is
-    lost or repeated, even when a UTF-8 character straddles the cap.
+    answering, so following a job costs one round trip per call. With `until_end`, new output alone does not
+    end the wait: the job's end, a full `max_bytes` page or `wait` does (one answer per page, not per line).
+    Pass `next_cursor` back to continue: no byte is lost or repeated, even when a UTF-8 character straddles
+    the cap.
     """
     wait = min(max(wait, 0.0), MAX_WAIT_S)
     ticks = int(wait / _TICK)
     start = -1 if cursor is None else max(cursor, 0)
     body = f"""
 [ -d "$d" ] || {{ echo missing; exit 0; }}
-c={start}; max={max_bytes}; n={ticks}; i=0
+c={start}; max={max_bytes}; n={ticks}; i=0; need={max_bytes if until_end else 1}
 while :; do
   state
   size=$(wc -c < "$d/log" 2>/dev/null || echo 0); size=$((size + 0))
   if [ $c -lt 0 ]; then c=$((size > max ? size - max : 0)); break; fi
-  [ $size -gt $c ] && break
+  [ $size -ge $((c + need)) ] && break
   [ $st != running ] && break
   [ $i -ge $n ] && break
   sleep {_TICK}; i=$((i + 1))

@@ -115,7 +115,7 @@ def register(mcp: MCPServer) -> None:
         order: Annotated[
             str, Field(max_length=200, description="Sort fields, '-' for descending: 'dph' (cheapest first).")
         ] = "dph",
-        limit: Annotated[int, Field(ge=1, le=50, description="How many offers to return.")] = 10,
+        limit: Annotated[int, Field(ge=1, le=50, description="How many offers to return (best first).")] = 5,
     ) -> Annotated[CallToolResult, OffersResult]:
         """Find rentable GPU machines on Vast.ai and their prices. Read-only and free: nothing is rented.
 
