@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from e2e_helpers import alive, make_settings, sim_instances
 from mcp import Client
@@ -294,3 +295,15 @@ async def test_run_job_prompt(settings: Settings) -> None:
     assert "train tiny.py on one RTX 4090" in body
     for tool in ("search_offers", "create_instance", "wait_ready", "exec_background", "tail_log", "destroy"):
         assert tool in body
+
+
+async def test_price_above_the_quote_destroys_the_instance(settings: Settings, cloud_server: SimServer) -> None:
+    async with httpx2.AsyncClient() as http:
+        armed = await http.post(f"{cloud_server.url}/_sim/faults/next_instance", json={"price_multiplier": 1.5})
+        armed.raise_for_status()
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        refused = await client.call_tool("create_instance", create_args(await cheapest_offer(client)))
+        assert refused.is_error and "destroyed at once" in text(refused)
+        listed = await call(client, "list_instances", {})
+    assert [r["status"] for r in listed["instances"]] == ["destroyed"]
+    assert sim_instances(cloud_server) and not alive(cloud_server)
