@@ -18,8 +18,8 @@ each command; ours: the text content of each tool result, which is what the mode
 is reported apart); readiness lag: from the moment the instance's sshd accepts to the moment the job starts. The
 benchmark takes the first moment by polling each instance's SSH address (the proxy port `vastai ssh-url` and our
 client use) for an SSH banner every 20 ms from this process; the job starts when the seed's `nohup` command
-returns, when exec_background returns, or (run_job) when run_status first reports the phase `running`. The job
-itself also writes its start time (`date` on the instance) into its results, as a cross-check of that moment.
+returns, when exec_background returns, or (run_job, where the server starts the job without the agent) at the
+start time the job itself writes on the instance (`date`), which also cross-checks the other two ways.
 Every instance gets a random boot delay (the sim's per-instance `boot_delay` fault); each way sees the same list.
 
 Usage: .venv/bin/python bench/agent_workflow.py [--runs 5] [--boot 2 12] [--seed 6] [--ways seed,granular,run_job]
@@ -122,6 +122,10 @@ class Run:
 
     @property
     def lag(self) -> float | None:
+        if self.way == "run_job":
+            # The server starts the job itself; run_status answers later (at the end), so only the job's clock
+            # says when it started.
+            return self.clock_lag
         if self.job_started is None or self.sshd_accepted is None:
             return None
         return self.job_started - self.sshd_accepted

@@ -42,64 +42,6 @@ class _RunPlanning:
     error: str | None = None
 
 
-def _run_spec(
-    command: str,
-    max_runtime_hours: float,
-    image: str | None,
-    template_hash: str | None,
-    gpu_name: str | None,
-    num_gpus: int | None,
-    min_gpu_ram_gb: float | None,
-    max_dph: float | None,
-    min_reliability: float,
-    countries: list[str] | None,
-    query: str,
-    disk_gb: float,
-    upload: list[str] | None,
-    remote_dir: str,
-    exclude: list[str] | None,
-    setup: list[str] | None,
-    env: dict[str, str] | None,
-    secrets: dict[str, str] | None,
-    results: list[str] | None,
-    local_results_dir: str | None,
-    keep_on_failure: bool,
-    ready_timeout_s: float,
-    max_tries: int,
-) -> RunSpec:
-    if image is not None and template_hash is not None:
-        raise ToolError("Give at most one of image or template_hash.")
-    filters = OfferFilters(
-        gpu_name=gpu_name,
-        num_gpus=num_gpus,
-        min_gpu_ram_gb=min_gpu_ram_gb,
-        max_dph=max_dph,
-        min_reliability=min_reliability,
-        countries=countries,
-    )
-    return RunSpec(
-        command=command,
-        image=image if image is not None or template_hash is not None else DEFAULT_RUN_IMAGE,
-        template_hash=template_hash,
-        filters=filters,
-        query=query,
-        disk_gb=disk_gb,
-        max_runtime_h=max_runtime_hours,
-        budget_dph=max_dph,
-        uploads=tuple(upload or ()),
-        remote_dir=remote_dir,
-        exclude=tuple(exclude or ()),
-        setup=tuple(setup or ()),
-        env=dict(env or {}),
-        secrets=dict(secrets or {}),
-        results=tuple(results or ()),
-        results_dir=local_results_dir,
-        keep_on_failure=keep_on_failure,
-        ready_timeout_s=ready_timeout_s,
-        max_tries=max_tries,
-    )
-
-
 async def _plan_run_job(
     command: str,
     max_runtime_hours: float,
@@ -129,15 +71,42 @@ async def _plan_run_job(
 ) -> _RunPlanning:
     """Price the run (search, quote, ceiling) once per call round, for both the question and the tool body.
 
+    A resolver receives the tool's arguments by name only, hence the signature that repeats `run_job`'s.
     Never raises: a problem is carried to the tool body, which reports it as a `ToolError`.
     """
     try:
         with agent_errors():
-            spec = _run_spec(
-                command, max_runtime_hours, image, template_hash, gpu_name, num_gpus, min_gpu_ram_gb, max_dph,
-                min_reliability, countries, query, disk_gb, upload, remote_dir, exclude, setup, env, secrets,
-                results, local_results_dir, keep_on_failure, ready_timeout_s, max_tries,
-            )  # fmt: skip
+            if image is not None and template_hash is not None:
+                raise ToolError("Give at most one of image or template_hash.")
+            filters = OfferFilters(
+                gpu_name=gpu_name,
+                num_gpus=num_gpus,
+                min_gpu_ram_gb=min_gpu_ram_gb,
+                max_dph=max_dph,
+                min_reliability=min_reliability,
+                countries=countries,
+            )
+            spec = RunSpec(
+                command=command,
+                image=image if image is not None or template_hash is not None else DEFAULT_RUN_IMAGE,
+                template_hash=template_hash,
+                filters=filters,
+                query=query,
+                disk_gb=disk_gb,
+                max_runtime_h=max_runtime_hours,
+                budget_dph=max_dph,
+                uploads=tuple(upload or ()),
+                remote_dir=remote_dir,
+                exclude=tuple(exclude or ()),
+                setup=tuple(setup or ()),
+                env=dict(env or {}),
+                secrets=dict(secrets or {}),
+                results=tuple(results or ()),
+                results_dir=local_results_dir,
+                keep_on_failure=keep_on_failure,
+                ready_timeout_s=ready_timeout_s,
+                max_tries=max_tries,
+            )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the approved plan is looked up by its quote
             return _RunPlanning(spec=spec, plan=await plan_run(service_of(ctx), spec))
