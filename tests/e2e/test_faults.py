@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from reliability_scenarios import DEPARTURE_CASES, FAULT_CASES, PHASES, Outcome, Scenario, run_many
 
-from vast_mcp.sim.server import select_backend
+from vast_mcp.sim.hosts import select_backend
 from vast_mcp.sim.sshd import NamespaceSshdBackend
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sshd]

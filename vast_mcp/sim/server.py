@@ -17,23 +17,13 @@ from types import TracebackType
 import anyio
 import uvicorn
 
-from . import hosts
 from .api import create_app
-from .hosts import HostBackend, StateOnlyBackend
+from .hosts import describe_backend, select_backend
 from .state import SimCloud
 
 DEFAULT_BOOT_DELAY = 3.0  # seconds from create to running in the foreground sim: long enough to watch it happen
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 60.0  # destroying many real sshd instances on shutdown takes a while
-
-
-def select_backend() -> HostBackend:
-    """The best host backend this machine can run (real SSH when possible), or state-only before that exists."""
-    chooser = getattr(hosts, "select_backend", None)
-    if chooser is None:
-        return StateOnlyBackend()
-    backend: HostBackend = chooser()
-    return backend
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -156,7 +146,7 @@ def main(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> 
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
     print(f"Simulated Vast cloud listening on {url}", flush=True)
-    print(f"  backend:  {backend.name}")
+    print(f"  backend:  {describe_backend(backend)}")
     print(f"  API key:  {cloud.api_key}")
     print(f"  offers:   {len(cloud.catalog)} (GPU models: {', '.join(cloud.gpu_names())})")
     print("Point the vastai CLI (or vast-mcp) at it:")
