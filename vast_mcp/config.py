@@ -86,8 +86,10 @@ def vast_url() -> str:
     return (os.environ.get("VAST_URL") or DEFAULT_VAST_URL).rstrip("/")
 
 
-def default_state_dir() -> Path:
-    return _xdg("XDG_STATE_HOME", ".local/state") / "vast-mcp"
+def state_dir() -> Path:
+    """`VAST_MCP_STATE_DIR`, else `$XDG_STATE_HOME/vast-mcp`: the ledger, SSH keys, host key pins, logs."""
+    configured = os.environ.get("VAST_MCP_STATE_DIR")
+    return Path(configured).expanduser() if configured else _xdg("XDG_STATE_HOME", ".local/state") / "vast-mcp"
 
 
 DEFAULT_LEASE_S = 1800.0
@@ -128,7 +130,7 @@ class Settings:
 
     api_key: Secret
     vast_url: str = DEFAULT_VAST_URL
-    state_dir: Path = field(default_factory=default_state_dir)
+    state_dir: Path = field(default_factory=state_dir)
     caps: Caps = field(default_factory=Caps)
     ssh_key_path: Path | None = None  # None: the server's own key pair in the state dir
     roots: list[Path] = field(default_factory=allowed_roots)
@@ -136,12 +138,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        state = os.environ.get("VAST_MCP_STATE_DIR")
         key_path = os.environ.get("VAST_MCP_SSH_KEY")
         return cls(
             api_key=require_api_key(),
             vast_url=vast_url(),
-            state_dir=Path(state).expanduser() if state else default_state_dir(),
+            state_dir=state_dir(),
             caps=Caps.from_env(),
             ssh_key_path=Path(key_path).expanduser() if key_path else None,
             roots=allowed_roots(),

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import anyio
 
-from .config import Settings, default_state_dir
+from .config import Settings, allowed_roots, find_api_key, state_dir, vast_url
+from .consent import Caps
+from .errors import VastMCPError
 from .ledger import Ledger, account_scope, format_ledger, ledger_path
 from .reaper import ReapReport, reap_dead_sessions, reap_session
+from .remote.keys import load_client_key
 from .vast.client import VastClient
 
 
@@ -69,8 +72,7 @@ def reap(*, session_id: str | None, within: float) -> int:
 
 def ledger(*, live_only: bool) -> int:
     """`vast-mcp ledger`: what is tracked, with cost (reads the state directory only; no API key needed)."""
-    state = os.environ.get("VAST_MCP_STATE_DIR")
-    path = ledger_path(Path(state).expanduser() if state else default_state_dir())
+    path = ledger_path(state_dir())
     if not path.exists():
         print(f"No ledger at {path}: nothing has been rented from this machine yet.")
         return 0
@@ -85,10 +87,6 @@ def ledger(*, live_only: bool) -> int:
 
 def doctor() -> int:
     """`vast-mcp doctor`: check the key, the API, the SSH key registration and the state directory; say how to fix."""
-    from .config import allowed_roots, find_api_key, vast_url
-    from .errors import VastMCPError
-    from .remote.keys import load_client_key
-
     problems = 0
 
     def report(ok: bool, what: str, fix: str = "") -> None:
@@ -103,20 +101,17 @@ def doctor() -> int:
         "set VAST_API_KEY (or run `vastai set api-key KEY`); create a key at https://cloud.vast.ai/manage-keys/",
     )
     url = vast_url()
-    state = os.environ.get("VAST_MCP_STATE_DIR")
-    state_dir = Path(state).expanduser() if state else default_state_dir()
+    folder = state_dir()
     try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        probe = state_dir / ".doctor"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = folder / ".doctor"
         probe.write_text("ok")
         probe.unlink()
-        report(True, f"state directory {state_dir} is writable")
+        report(True, f"state directory {folder} is writable")
     except OSError as exc:
-        report(False, f"state directory {state_dir} is not writable ({exc})", "set VAST_MCP_STATE_DIR to a folder")
+        report(False, f"state directory {folder} is not writable ({exc})", "set VAST_MCP_STATE_DIR to a folder")
     report(True, f"local folders for uploads/downloads: {', '.join(str(r) for r in allowed_roots())}")
     try:
-        from .consent import Caps
-
         caps = Caps.from_env()
         report(
             True,
@@ -133,7 +128,7 @@ def doctor() -> int:
     key_path = Path(configured).expanduser() if configured else None
 
     async def remote_checks() -> None:
-        key = await load_client_key(state_dir, key_path)
+        key = await load_client_key(folder, key_path)
         report(True, f"SSH key {key.path} ({key.fingerprint})")
         async with VastClient(found[0], url, budget=15) as client:
             try:

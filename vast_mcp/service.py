@@ -30,6 +30,7 @@ from .errors import (
     VastMCPError,
 )
 from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
+from .lifecycle import spawn_reaper
 from .reaper import ReapReport, destroy_confirmed, find_by_label, reap_dead_sessions, reap_session
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.hostkeys import HostKeyStore
@@ -226,8 +227,6 @@ class Service:
             with anyio.move_on_after(inline_s):
                 report = await reap_session(self.client, self.ledger, self.session_id, within=inline_s)
         if await self.ledger.to_destroy(self.session_id):
-            from .lifecycle import spawn_reaper
-
             spawn_reaper(self.settings, self.session_id)
         else:
             await self.ledger.end_session(self.session_id)
