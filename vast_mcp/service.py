@@ -213,7 +213,7 @@ class Service:
         """Destroy what servers that died on this account left behind (one sweep)."""
         report = await reap_dead_sessions(self.client, self.ledger, self.scope)
         if report.destroyed or report.failed:
-            log.warning("start-up sweep of dead sessions: %s", report.summary())
+            log.warning("sweep of dead sessions: %s", report.summary())
         return report
 
     async def teardown(self, *, inline_s: float = TEARDOWN_INLINE_S) -> ReapReport:
