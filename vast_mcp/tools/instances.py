@@ -26,7 +26,17 @@ from .common import (
     MAX_CALL_S,
     Approval,
     AppState,
+    Countries,
+    DiskGb,
+    EnvVars,
+    GpuName,
     InstanceId,
+    MinGpuRamGb,
+    MinReliability,
+    NumGpus,
+    OfferQuery,
+    QuoteId,
+    TemplateHash,
     agent_errors,
     can_elicit,
     progress_of,
@@ -90,28 +100,16 @@ def register(mcp: MCPServer) -> None:
     @tool(mcp, "Search GPU offers", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def search_offers(
         ctx: Context[AppState, Any],
-        gpu_name: Annotated[
-            str | None, Field(description="GPU model, e.g. 'RTX 4090', 'A100 SXM4', 'H100 SXM'. Any when omitted.")
-        ] = None,
-        num_gpus: Annotated[int | None, Field(ge=1, le=16, description="Exact number of GPUs.")] = None,
-        min_gpu_ram_gb: Annotated[float | None, Field(ge=0, le=1024, description="Minimum VRAM per GPU, GB.")] = None,
+        gpu_name: GpuName = None,
+        num_gpus: NumGpus = None,
+        min_gpu_ram_gb: MinGpuRamGb = None,
         max_dph: Annotated[
             float | None, Field(gt=0, le=1000, description="Highest price in $/hour (disk included).")
         ] = None,
-        min_reliability: Annotated[float, Field(ge=0, le=1, description="Minimum host reliability, 0 to 1.")] = 0.95,
-        countries: Annotated[
-            list[str] | None, Field(max_length=50, description="Two-letter country codes to allow, e.g. ['US','CA'].")
-        ] = None,
-        query: Annotated[
-            str,
-            Field(
-                max_length=2000,
-                description="Extra filters in `vastai search offers` syntax, e.g. 'cuda_vers>=12.4 inet_down>500'.",
-            ),
-        ] = "",
-        disk_gb: Annotated[
-            float, Field(ge=1, le=4096, description="Disk you will rent, GB; prices include it. Default 32.")
-        ] = 32.0,
+        min_reliability: MinReliability = 0.95,
+        countries: Countries = None,
+        query: OfferQuery = "",
+        disk_gb: DiskGb = 32.0,
         order: Annotated[
             str, Field(max_length=200, description="Sort fields, '-' for descending: 'dph' (cheapest first).")
         ] = "dph",
@@ -147,20 +145,13 @@ def register(mcp: MCPServer) -> None:
         image: Annotated[
             str | None, Field(max_length=300, description="Docker image, e.g. 'pytorch/pytorch:latest'.")
         ] = None,
-        template_hash: Annotated[
-            str | None, Field(max_length=64, description="A Vast template hash instead of an image.")
-        ] = None,
-        disk_gb: Annotated[float, Field(ge=1, le=4096, description="Disk size, GB (priced in). Default 32.")] = 32.0,
+        template_hash: TemplateHash = None,
+        disk_gb: DiskGb = 32.0,
         onstart: Annotated[
             str | None, Field(max_length=4000, description="Shell commands run once at boot (setup, not the job).")
         ] = None,
-        env: Annotated[
-            dict[str, str] | None, Field(description="Environment variables for the container (not for secrets).")
-        ] = None,
-        quote_id: Annotated[
-            str | None,
-            Field(max_length=64, description="The quote the user approved, when a previous call asked for approval."),
-        ] = None,
+        env: EnvVars = None,
+        quote_id: QuoteId = None,
     ) -> Annotated[CallToolResult, CreateResult]:
         """Rent a GPU instance from an offer. COSTS MONEY from creation until destroy (about $/hour × hours).
 

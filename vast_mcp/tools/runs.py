@@ -21,6 +21,18 @@ from ..workflow import MAX_TRIES, RunPlan, RunSpec, plan_run
 from .common import (
     Approval,
     AppState,
+    Countries,
+    DiskGb,
+    EnvVars,
+    Excludes,
+    GpuName,
+    MinGpuRamGb,
+    MinReliability,
+    NumGpus,
+    OfferQuery,
+    QuoteId,
+    SecretVars,
+    TemplateHash,
     agent_errors,
     can_elicit,
     progress_of,
@@ -144,14 +156,10 @@ def register(mcp: MCPServer) -> None:
         image: Annotated[
             str | None, Field(max_length=300, description="Docker image; default pytorch/pytorch.")
         ] = None,
-        template_hash: Annotated[
-            str | None, Field(max_length=64, description="A Vast template hash instead of an image.")
-        ] = None,
-        gpu_name: Annotated[
-            str | None, Field(max_length=64, description="GPU model, e.g. 'RTX 4090'. Any when omitted.")
-        ] = None,
-        num_gpus: Annotated[int | None, Field(ge=1, le=16, description="Exact number of GPUs.")] = 1,
-        min_gpu_ram_gb: Annotated[float | None, Field(ge=0, le=1024, description="Minimum VRAM per GPU, GB.")] = None,
+        template_hash: TemplateHash = None,
+        gpu_name: GpuName = None,
+        num_gpus: NumGpus = 1,
+        min_gpu_ram_gb: MinGpuRamGb = None,
         max_dph: Annotated[
             float | None,
             Field(
@@ -160,14 +168,10 @@ def register(mcp: MCPServer) -> None:
                 description="Budget in $/hour (disk included): no machine above it, failovers included.",
             ),
         ] = None,
-        min_reliability: Annotated[float, Field(ge=0, le=1, description="Minimum host reliability, 0 to 1.")] = 0.95,
-        countries: Annotated[
-            list[str] | None, Field(max_length=50, description="Two-letter country codes to allow.")
-        ] = None,
-        query: Annotated[
-            str, Field(max_length=2000, description="Extra offer filters in `vastai search offers` syntax.")
-        ] = "",
-        disk_gb: Annotated[float, Field(ge=1, le=4096, description="Disk size, GB (priced in).")] = 32.0,
+        min_reliability: MinReliability = 0.95,
+        countries: Countries = None,
+        query: OfferQuery = "",
+        disk_gb: DiskGb = 32.0,
         upload: Annotated[
             list[str] | None,
             Field(max_length=100, description="Local files/folders to upload first, each under its own name."),
@@ -176,20 +180,15 @@ def register(mcp: MCPServer) -> None:
             str,
             Field(min_length=1, max_length=1000, description="Folder on the instance for uploads; the job runs in it."),
         ] = "~",
-        exclude: Annotated[
-            list[str] | None, Field(max_length=200, description=".gitignore-style patterns not to upload.")
-        ] = None,
+        exclude: Excludes = None,
         setup: Annotated[
             list[str] | None,
             Field(
                 max_length=50, description="Commands run before the job (pip install ...); the first failure stops it."
             ),
         ] = None,
-        env: Annotated[dict[str, str] | None, Field(description="Environment variables for the job.")] = None,
-        secrets: Annotated[
-            dict[str, str] | None,
-            Field(description="Secret environment variables (e.g. HF_TOKEN): given to the job only, never echoed."),
-        ] = None,
+        env: EnvVars = None,
+        secrets: SecretVars = None,
         results: Annotated[
             list[str] | None,
             Field(
@@ -210,10 +209,7 @@ def register(mcp: MCPServer) -> None:
         max_tries: Annotated[
             int, Field(ge=1, le=MAX_TRIES, description="Machines to try, one after the other, if one fails to start.")
         ] = MAX_TRIES,
-        quote_id: Annotated[
-            str | None,
-            Field(max_length=64, description="The quote the user approved, when a previous call asked for approval."),
-        ] = None,
+        quote_id: QuoteId = None,
     ) -> Annotated[CallToolResult, RunView]:
         """Run a whole GPU job in one call: rent → upload → setup → run → follow the log → download → destroy.
 

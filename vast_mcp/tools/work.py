@@ -20,7 +20,11 @@ from ..results import (
 from .common import (
     MAX_CALL_S,
     AppState,
+    EnvVars,
+    Excludes,
     InstanceId,
+    JobId,
+    SecretVars,
     agent_errors,
     progress_of,
     service_of,
@@ -43,10 +47,7 @@ def register(mcp: MCPServer) -> None:
         remote_dir: Annotated[
             str, Field(min_length=1, max_length=1000, description="Folder on the instance; '~' is /root.")
         ] = "~",
-        exclude: Annotated[
-            list[str] | None,
-            Field(max_length=200, description=".gitignore-style patterns to skip, e.g. ['*.pyc', '.venv/', 'data/']."),
-        ] = None,
+        exclude: Excludes = None,
         use_gitignore: Annotated[bool, Field(description="Also skip what the folders' .gitignore files list.")] = False,
     ) -> Annotated[CallToolResult, TransferResult]:
         """Copy local files/folders to the instance (each under its own name in remote_dir) as one tar stream.
@@ -107,11 +108,8 @@ def register(mcp: MCPServer) -> None:
         workdir: Annotated[
             str | None, Field(max_length=1000, description="Directory to run in; default the home directory.")
         ] = None,
-        env: Annotated[dict[str, str] | None, Field(description="Environment variables for the job.")] = None,
-        secrets: Annotated[
-            dict[str, str] | None,
-            Field(description="Secret environment variables (e.g. HF_TOKEN): given to the job only, never echoed."),
-        ] = None,
+        env: EnvVars = None,
+        secrets: SecretVars = None,
     ) -> Annotated[CallToolResult, JobView]:
         """Start a command on the instance in the background and return at once with its job_id.
 
@@ -129,7 +127,7 @@ def register(mcp: MCPServer) -> None:
     async def tail_log(
         ctx: Context[AppState, Any],
         instance_id: InstanceId,
-        job_id: Annotated[str, Field(min_length=1, max_length=64, description="job_id from exec_background.")],
+        job_id: JobId,
         cursor: Annotated[
             int | None,
             Field(ge=0, description="Byte offset to read from: 0 for the start, then next_cursor. Omit for the end."),
@@ -154,7 +152,7 @@ def register(mcp: MCPServer) -> None:
     async def cancel_job(
         ctx: Context[AppState, Any],
         instance_id: InstanceId,
-        job_id: Annotated[str, Field(min_length=1, max_length=64, description="job_id from exec_background.")],
+        job_id: JobId,
     ) -> Annotated[CallToolResult, JobView]:
         """Stop a background job: SIGTERM to its whole process group, SIGKILL 5 s later. Its log is kept."""
         with agent_errors():
