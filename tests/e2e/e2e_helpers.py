@@ -1,11 +1,15 @@
-"""Helpers for end-to-end tests: server settings for the simulated cloud, and what the cloud says is alive."""
+"""Helpers for end-to-end tests: settings for the simulated cloud, what it says is alive, and MCP calls."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from mcp import Client
+from mcp.types import CallToolResult, ElicitResult
 
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
@@ -33,3 +37,32 @@ def sim_instances(server: SimServer) -> list[dict[str, Any]]:
 def alive(server: SimServer) -> list[dict[str, Any]]:
     """Instances not destroyed, or with any process still alive."""
     return [r for r in sim_instances(server) if not r["destroyed"] or r.get("alive_pids")]
+
+
+Elicitor = Callable[[Any, Any], Awaitable[ElicitResult]]
+
+
+def answering(action: str, approve: bool = True, seen: list[str] | None = None) -> Elicitor:
+    """An elicitation callback that answers every consent prompt with `action` (recording the questions)."""
+
+    async def answer(ctx: Any, params: Any) -> ElicitResult:
+        if seen is not None:
+            seen.append(params.message)
+        if action == "accept":
+            return ElicitResult(action="accept", content={"approve": approve})
+        return ElicitResult(action=action)  # type: ignore[arg-type]
+
+    return answer
+
+
+def text(result: CallToolResult) -> str:
+    """What the model reads of a tool result."""
+    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
+
+
+async def call(client: Client, tool: str, args: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; its structured result."""
+    result = await client.call_tool(tool, args, **kw)
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    return result.structured_content

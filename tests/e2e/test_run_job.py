@@ -8,15 +8,13 @@ import json
 import os
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from e2e_helpers import alive, sim_instances
+from e2e_helpers import alive, answering, call, sim_instances, text
 from mcp import Client
-from mcp.types import CallToolResult, ElicitResult
 
 from vast_mcp.config import Settings
 from vast_mcp.server import build_server
@@ -28,30 +26,6 @@ ERAS = ["legacy", "auto"]
 BUDGET_DPH = 2.0  # wide enough that the cheapest few single-GPU offers all fit, so failover has somewhere to go
 FOLLOW_CALLS = 60  # run_status calls before a test gives up on a run (each waits at most its wait_s)
 SETTLE_S = 30.0  # bound on how long session teardown may take to show in the simulated cloud
-
-Elicitor = Callable[[Any, Any], Awaitable[ElicitResult]]
-
-
-def answering(action: str, approve: bool = True, seen: list[str] | None = None) -> Elicitor:
-    async def answer(ctx: Any, params: Any) -> ElicitResult:
-        if seen is not None:
-            seen.append(params.message)
-        if action == "accept":
-            return ElicitResult(action="accept", content={"approve": approve})
-        return ElicitResult(action=action)  # type: ignore[arg-type]
-
-    return answer
-
-
-def text(result: CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
-
-
-async def call(client: Client, tool: str, args: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    result = await client.call_tool(tool, args, **kw)
-    assert not result.is_error, text(result)
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 def make_project(root: Path) -> tuple[Path, bytes]:

@@ -4,16 +4,14 @@ real SSH hosts: the granular workflow, consent to cost in every form, the caps, 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
-from e2e_helpers import alive, make_settings, sim_instances
+from e2e_helpers import alive, answering, call, make_settings, sim_instances, text
 from mcp import Client
-from mcp.types import CallToolResult, ElicitResult
 
 from vast_mcp.config import Settings
 from vast_mcp.consent import Caps
@@ -24,30 +22,6 @@ pytestmark = pytest.mark.anyio
 
 ERAS = ["legacy", "auto"]
 SNAPSHOT = Path(__file__).with_name("tools_snapshot.json")
-
-Elicitor = Callable[[Any, Any], Awaitable[ElicitResult]]
-
-
-def answering(action: str, approve: bool = True, seen: list[str] | None = None) -> Elicitor:
-    async def answer(ctx: Any, params: Any) -> ElicitResult:
-        if seen is not None:
-            seen.append(params.message)
-        if action == "accept":
-            return ElicitResult(action="accept", content={"approve": approve})
-        return ElicitResult(action=action)  # type: ignore[arg-type]
-
-    return answer
-
-
-def text(result: CallToolResult) -> str:
-    return "\n".join(c.text for c in result.content if getattr(c, "type", "") == "text")
-
-
-async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
-    result = await client.call_tool(tool, args)
-    assert not result.is_error, text(result)
-    assert result.structured_content is not None
-    return result.structured_content
 
 
 async def cheapest_offer(client: Client) -> int:
