@@ -6,9 +6,10 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server import MCPServer
+from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -131,6 +132,21 @@ def can_elicit(ctx: Context[Any, Any]) -> bool:
     caps = ctx.client_capabilities
     e = caps.elicitation if caps is not None else None
     return e is not None and (e.form is not None or e.url is None)
+
+
+def users_answer(
+    ctx: Context[Any, Any], approval: ElicitationResult[Approval]
+) -> Literal["user", "declined", "approval_required"]:
+    """What the user said to the price question a resolver put to them (`approval_required`: it could not be asked
+    because the client shows no forms, so the agent must come back with the quote id)."""
+    if not can_elicit(ctx):
+        return "approval_required"
+    if isinstance(approval, AcceptedElicitation):
+        if isinstance(approval.data, Approval):
+            return "user" if approval.data.approve else "declined"
+        # The resolver asked nothing (the offer vanished, a cap refused): nothing was approved.
+        raise ToolError("The price could not be put to the user. Search again, then call once more.")
+    return "declined"
 
 
 def progress_of(ctx: Context[Any, Any]) -> Progress:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import anyio
 from mcp.server import MCPServer
-from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
+from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context, Elicit, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
@@ -43,6 +43,7 @@ from .common import (
     service_of,
     tool,
     tool_result,
+    users_answer,
 )
 
 
@@ -174,20 +175,12 @@ def register(mcp: MCPServer) -> None:
                 quote = await service.quote(request)
                 if not service.needs_approval(quote):
                     approved_by = "auto_approve"
-                elif not can_elicit(ctx):
-                    result = CreateResult(status="approval_required", quote=quote_view(quote))
-                    return tool_result(result, result.summary())
-                elif isinstance(approval, AcceptedElicitation) and isinstance(approval.data, Approval):
-                    if not approval.data.approve:
-                        result = CreateResult(status="declined", quote=quote_view(quote))
+                else:
+                    answer = users_answer(ctx, approval)
+                    if answer != "user":
+                        result = CreateResult(status=answer, quote=quote_view(quote))
                         return tool_result(result, result.summary())
                     approved_by = "user"
-                elif isinstance(approval, AcceptedElicitation):
-                    # The question could not be asked (the offer vanished, a cap): report that, create nothing.
-                    raise ToolError("The price could not be put to the user. Search offers again and retry.")
-                else:
-                    result = CreateResult(status="declined", quote=quote_view(quote))
-                    return tool_result(result, result.summary())
                 service.quotes.redeem(
                     quote.quote_id, offer_id, request.params(), disk_gb=disk_gb, max_runtime_h=max_runtime_hours
                 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from mcp.server import MCPServer
-from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
+from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context, Elicit, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
@@ -40,6 +40,7 @@ from .common import (
     service_of,
     tool,
     tool_result,
+    users_answer,
 )
 
 DEFAULT_RUN_IMAGE = "pytorch/pytorch"
@@ -238,20 +239,14 @@ def register(mcp: MCPServer) -> None:
                 auto = book.auto_approved(plan)
                 if auto is not None:
                     plan, approved_by = auto, "auto_approve"
-                elif not can_elicit(ctx):
-                    book.hold_for_approval(plan)
-                    pending = RunView(status="approval_required", approval=plan.view(None))
-                    return tool_result(pending, pending.summary())
-                elif isinstance(approval, AcceptedElicitation) and isinstance(approval.data, Approval):
-                    if not approval.data.approve:
-                        declined = RunView(status="declined", approval=plan.view(None))
-                        return tool_result(declined, declined.summary())
-                    approved_by = "user"
-                elif isinstance(approval, AcceptedElicitation):
-                    raise ToolError("The price could not be put to the user. Call run_job again.")
                 else:
-                    declined = RunView(status="declined", approval=plan.view(None))
-                    return tool_result(declined, declined.summary())
+                    answer = users_answer(ctx, approval)
+                    if answer != "user":
+                        if answer == "approval_required":
+                            book.hold_for_approval(plan)
+                        pending = RunView(status=answer, approval=plan.view(None))
+                        return tool_result(pending, pending.summary())
+                    approved_by = "user"
             run = book.start(plan, approved_by)
             result = await book.view(run, with_approval=True)
         return tool_result(result, result.summary())
