@@ -19,14 +19,14 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.abc
 import asyncssh
 from anyio.abc import TaskStatus
 
-from .hosts import HostSpec, InstanceDisk, RefusalWindow, SimHostError, host_pids
+from .hosts import DiskHost, HostSpec, InstanceDisk, RefusalWindow, SimHostError, host_pids
 from .relay import SERVICE_LOOP, BackgroundService, Relay
 
 MARKER = "VAST_MCP_SIM_HOST"
@@ -44,14 +44,11 @@ class AsyncsshBackend:
         return AsyncsshHost(spec)
 
 
-class AsyncsshHost:
+class AsyncsshHost(DiskHost):
     """One instance: an SSH server, the processes it started, and a disk folder."""
 
     def __init__(self, spec: HostSpec) -> None:
-        self.spec = spec
-        self.disk = InstanceDisk(spec.disk_dir)
-        self._state: Literal["new", "running", "stuck", "stopped", "destroyed"] = "new"
-        self._lock: anyio.Lock | None = None
+        super().__init__(spec)
         self._server: _InstanceServer | None = None
         self._relay: Relay | None = None
 
@@ -87,23 +84,6 @@ class AsyncsshHost:
                 raise
             self._state = "running"
 
-    async def stop(self) -> None:
-        async with self._get_lock():
-            await self._halt()
-            if self._state != "destroyed":
-                self._state = "stopped"
-
-    async def destroy(self) -> None:
-        async with self._get_lock():
-            await self._halt()
-            self._state = "destroyed"
-            await anyio.to_thread.run_sync(self.disk.delete)
-
-    async def add_authorized_key(self, key: str) -> None:
-        if key.strip() not in (k.strip() for k in self.spec.authorized_keys):
-            self.spec.authorized_keys.append(key)
-        await anyio.to_thread.run_sync(self.disk.add_authorized_key, key)
-
     async def rotate_host_key(self) -> None:
         async with self._get_lock():
             await anyio.to_thread.run_sync(lambda: self.disk.ensure_host_key(replace=True))
@@ -113,11 +93,6 @@ class AsyncsshHost:
 
     def alive_pids(self) -> list[int]:
         return [] if self._server is None else self._server.alive_pids()
-
-    def _get_lock(self) -> anyio.Lock:
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        return self._lock
 
     def _prepare(self) -> None:
         self.disk.prepare(self.spec)

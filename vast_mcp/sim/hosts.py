@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 
@@ -159,6 +159,50 @@ class _StateOnlyHost:
 
     def alive_pids(self) -> list[int]:
         return []
+
+
+HostState = Literal["new", "running", "stuck", "stopped", "destroyed"]
+
+
+class DiskHost:
+    """What both SSH backends share: an instance disk, one lock per host, and stop/destroy/key handling around
+    the backend's own `_halt()` (end every process of the instance)."""
+
+    def __init__(self, spec: HostSpec) -> None:
+        self.spec = spec
+        self.disk = InstanceDisk(spec.disk_dir)
+        self._state: HostState = "new"
+        self._lock: anyio.Lock | None = None
+
+    async def _halt(self) -> None:
+        raise NotImplementedError
+
+    def _after_halt(self) -> None:
+        """Blocking clean-up between the last process and deleting the disk (runs in a worker thread)."""
+
+    async def stop(self) -> None:
+        async with self._get_lock():
+            await self._halt()
+            if self._state != "destroyed":
+                self._state = "stopped"
+
+    async def destroy(self) -> None:
+        async with self._get_lock():
+            await self._halt()
+            self._state = "destroyed"
+            await anyio.to_thread.run_sync(self._after_halt)
+            await anyio.to_thread.run_sync(self.disk.delete)
+
+    async def add_authorized_key(self, key: str) -> None:
+        if key.strip() not in (k.strip() for k in self.spec.authorized_keys):
+            self.spec.authorized_keys.append(key)
+        await anyio.to_thread.run_sync(self.disk.add_authorized_key, key)
+
+    def _get_lock(self) -> anyio.Lock:
+        # Created on first use, inside the loop that drives this host.
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        return self._lock
 
 
 class StateOnlyBackend:

@@ -20,15 +20,14 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Literal
 
 import anyio
 import anyio.abc
 
 from .hosts import (
     SSHD_PATH,
+    DiskHost,
     HostSpec,
-    InstanceDisk,
     RefusalWindow,
     SimHostError,
     host_pids,
@@ -97,15 +96,12 @@ class NamespaceSshdBackend:
         return NamespaceSshdHost(spec, self)
 
 
-class NamespaceSshdHost:
+class NamespaceSshdHost(DiskHost):
     """One instance: a namespace holding its sshd, its onstart and every job started over SSH."""
 
     def __init__(self, spec: HostSpec, backend: NamespaceSshdBackend) -> None:
-        self.spec = spec
-        self.disk = InstanceDisk(spec.disk_dir)
+        super().__init__(spec)
         self._backend = backend
-        self._state: Literal["new", "running", "stuck", "stopped", "destroyed"] = "new"
-        self._lock: anyio.Lock | None = None
         self._proc: anyio.abc.Process | None = None  # the `unshare` process
         self._init_pid: int | None = None  # host PID of the namespace's PID 1
         self._pidfd: int | None = None
@@ -134,24 +130,6 @@ class NamespaceSshdHost:
                 return
             await self._boot()
 
-    async def stop(self) -> None:
-        async with self._get_lock():
-            await self._halt()
-            if self._state != "destroyed":
-                self._state = "stopped"
-
-    async def destroy(self) -> None:
-        async with self._get_lock():
-            await self._halt()
-            self._state = "destroyed"
-            await anyio.to_thread.run_sync(self._unmount_leftovers)
-            await anyio.to_thread.run_sync(self.disk.delete)
-
-    async def add_authorized_key(self, key: str) -> None:
-        if key.strip() not in (k.strip() for k in self.spec.authorized_keys):
-            self.spec.authorized_keys.append(key)
-        await anyio.to_thread.run_sync(self.disk.add_authorized_key, key)
-
     async def rotate_host_key(self) -> None:
         async with self._get_lock():
             public = await anyio.to_thread.run_sync(lambda: self.disk.ensure_host_key(replace=True))
@@ -169,12 +147,6 @@ class NamespaceSshdHost:
         return pids_in_namespace(self._ns_id)
 
     # --- internals -----------------------------------------------------------------------------------------
-
-    def _get_lock(self) -> anyio.Lock:
-        # Created on first use, inside the loop that drives this host.
-        if self._lock is None:
-            self._lock = anyio.Lock()
-        return self._lock
 
     def _namespace_up(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
@@ -301,7 +273,7 @@ class NamespaceSshdHost:
         self._pidfd = self._nsfd = self._init_pid = None
         self._ns_id = None
 
-    def _unmount_leftovers(self) -> None:
+    def _after_halt(self) -> None:
         """Unmount anything mounted under the disk in the host's namespace (nothing, unless propagation leaked)."""
         disk = str(self.disk.path.resolve())
         with open("/proc/self/mountinfo") as fh:
