@@ -114,6 +114,34 @@ def lease_from_env() -> float | None:
     return value
 
 
+DEFAULT_HTTP_IDLE_S = 900.0
+
+
+def http_idle_from_env() -> float:
+    """`VAST_MCP_HTTP_IDLE_S`: seconds an HTTP client may stay silent before its session (and what it rented) ends."""
+    raw = os.environ.get("VAST_MCP_HTTP_IDLE_S", "").strip()
+    if not raw:
+        return DEFAULT_HTTP_IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 86400:
+        raise ConfigError(
+            f"VAST_MCP_HTTP_IDLE_S={raw!r} is not a number of seconds between 1 and 86400. Set it, e.g. 900, then "
+            "restart the server."
+        )
+    return value
+
+
+def http_token_from_env() -> str | None:
+    """`VAST_MCP_HTTP_TOKEN`: the bearer token HTTP clients must send; unset: one is generated at start-up."""
+    raw = os.environ.get("VAST_MCP_HTTP_TOKEN", "").strip()
+    if raw and len(raw) < 16:
+        raise ConfigError("VAST_MCP_HTTP_TOKEN is shorter than 16 characters; use a long random string, or unset it.")
+    return raw or None
+
+
 def allowed_roots() -> list[Path]:
     """Local folders uploads may read and downloads may write: `VAST_MCP_ROOTS` (os.pathsep-separated), else the
     working directory (the home directory when that is `/`, as for desktop hosts)."""
@@ -135,6 +163,7 @@ class Settings:
     ssh_key_path: Path | None = None  # None: the server's own key pair in the state dir
     roots: list[Path] = field(default_factory=allowed_roots)
     lease_s: float | None = DEFAULT_LEASE_S  # dead-man's switch: None disables it
+    http_idle_s: float = DEFAULT_HTTP_IDLE_S
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -147,4 +176,5 @@ class Settings:
             ssh_key_path=Path(key_path).expanduser() if key_path else None,
             roots=allowed_roots(),
             lease_s=lease_from_env(),
+            http_idle_s=http_idle_from_env(),
         )

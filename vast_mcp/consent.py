@@ -1,10 +1,11 @@
 """Consent to cost: price quotes the user approves, and caps that hold whatever the agent does.
 
-A rent is allowed only with a quote: the offer's identity, its $/hr with the requested disk priced in, and the
-projected cost of the declared maximum runtime, bound (by a digest) to the exact create parameters. A quote id is
-redeemed once, for the same offer and parameters, before it expires. Independently of any approval, the caps from
-the environment are checked before every create, and the instance's real price is checked against the quote after
-it. Everything here is pure logic with an injectable clock; the server does the asking and the renting.
+A rent is priced by a quote: the offer's identity, its $/hr with the requested disk priced in, the projected cost
+of the declared maximum runtime, and what will run (image, onstart, environment), bound by a digest to the exact
+create parameters. A quote is spent once, before it expires, or voided. Who may approve a quote is decided in
+`approval.py` alone. Independently of any approval, the caps from the environment are checked before every create,
+and the instance's real price is checked against the quote after it. Everything here is pure logic with an
+injectable clock; the server does the asking and the renting.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
 from .errors import (
     CapExceededError,
     ConfigError,
     QuoteExpiredError,
-    QuoteMismatchError,
     QuoteNotFoundError,
     QuoteUsedError,
+    QuoteVoidedError,
 )
 from .vast.models import Offer
 
@@ -54,6 +54,8 @@ class Caps:
     - `auto_approve_dph` (`VAST_MCP_AUTO_APPROVE_DPH`): rentals at or below this $/hr need no approval;
       default none (every rent is approved by the user). The other caps still apply.
     - `quote_ttl_s` (`VAST_MCP_QUOTE_TTL_S`): seconds a quote stays redeemable; default 600.
+    - `trust_agent` (`VAST_MCP_TRUST_AGENT_APPROVAL=1`): with a client that cannot show the user a form, let the
+      agent approve a quote by its id. An honour system, off by default: the agent could approve alone.
 
     Each cap variable accepts `none` to lift that cap.
     """
@@ -63,6 +65,7 @@ class Caps:
     max_instances: int | None = DEFAULT_MAX_INSTANCES
     auto_approve_dph: float | None = None
     quote_ttl_s: float = DEFAULT_QUOTE_TTL_S
+    trust_agent: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Caps:
@@ -92,7 +95,17 @@ class Caps:
                 env, "VAST_MCP_AUTO_APPROVE_DPH", "dollars per hour such as 0.20", default=None
             ),
             quote_ttl_s=ttl,
+            trust_agent=_parse_flag(env, "VAST_MCP_TRUST_AGENT_APPROVAL"),
         )
+
+
+def _parse_flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={env[name]!r} is not valid: set it to 1 or 0 (or unset it), then restart the server.")
 
 
 def _parse_amount(
@@ -169,11 +182,6 @@ def check_caps(quote: Quote, caps: Caps, session_spend: float, live_instances: i
             )
 
 
-def needs_user_approval(quote: Quote, caps: Caps) -> bool:
-    """False only when the user pre-approved rentals this cheap (`VAST_MCP_AUTO_APPROVE_DPH`)."""
-    return caps.auto_approve_dph is None or not quote.dph <= caps.auto_approve_dph + PRICE_EPSILON
-
-
 def price_recheck(
     quote: Quote, instance_dph: float, tolerance: float = 0.01, *, epsilon: float = PRICE_EPSILON
 ) -> str | None:
@@ -215,7 +223,7 @@ def _usd(value: float) -> str:
 
 @dataclass(frozen=True)
 class Quote:
-    """What the user approves: one offer, its price with the disk priced in, and the worst-case cost."""
+    """What the user approves: one offer, its price with the disk priced in, the worst-case cost, what will run."""
 
     quote_id: str
     offer_id: int
@@ -233,6 +241,10 @@ class Quote:
     params_digest: str
     created_at: float
     expires_at: float
+    image: str | None = None
+    template_hash: str | None = None
+    has_onstart: bool = False
+    env_names: tuple[str, ...] = ()
 
     @property
     def projected_usd(self) -> float:
@@ -244,34 +256,43 @@ class Quote:
         vram = f" ({self.gpu_ram_gb:.0f} GB VRAM{' each' if self.num_gpus > 1 else ''})" if self.gpu_ram_gb else ""
         return f"{self.num_gpus}× {self.gpu_name or 'unknown GPU'}{vram}"
 
+    def runs(self) -> str:
+        """What the instance will run, in words: the image or template, and whether onstart or env are set."""
+        what = f"image {self.image}" if self.image else f"template {self.template_hash}"
+        extras = []
+        if self.has_onstart:
+            extras.append("an onstart script at boot")
+        if self.env_names:
+            extras.append(f"environment variables {', '.join(self.env_names)}")
+        return what + (" with " + " and ".join(extras) if extras else ", no onstart script, no environment variables")
+
     def describe(self) -> str:
-        """A short paragraph the user can approve or decline on."""
+        """A short paragraph the user can approve or decline on: everything that costs or runs."""
         where = f" in {self.location}" if self.location else ""
         machine = f"machine {self.machine_id}, " if self.machine_id is not None else ""
         reliability = f", reliability {self.reliability * 100:.1f}%" if self.reliability is not None else ""
-        transfer = ""
-        if self.inet_up_cost or self.inet_down_cost:
-            transfer = (
-                f" Data transfer is billed on top: ${self.inet_up_cost or 0:.3f}/GB up, "
-                f"${self.inet_down_cost or 0:.3f}/GB down."
-            )
-        expiry = datetime.fromtimestamp(self.expires_at, UTC).strftime("%H:%M:%S UTC")
+        transfer = (
+            f" Data transfer is billed on top: ${self.inet_up_cost or 0:.3f}/GB up, "
+            f"${self.inet_down_cost or 0:.3f}/GB down."
+            if self.inet_up_cost or self.inet_down_cost
+            else " Data transfer: no charge listed."
+        )
         return (
-            f"Rent {self.gpu} ({machine}offer {self.offer_id}){where}{reliability}. "
-            f"Price: ${self.dph:.3f}/hr including {self.disk_gb:g} GB of disk. "
-            f"Projected cost for the full maximum runtime of {self.max_runtime_h:g} h: "
-            f"{_usd(self.projected_usd)}.{transfer} Quote {self.quote_id}, valid until {expiry}."
+            f"Rent {self.gpu} ({machine}offer {self.offer_id}){where}{reliability}, running {self.runs()}. "
+            f"Price: ${self.dph:.3f}/hr including {self.disk_gb:g} GB of disk. Maximum runtime "
+            f"{self.max_runtime_h:g} h (the instance is destroyed then), so at most {_usd(self.projected_usd)} in "
+            f"all.{transfer}"
         )
 
 
-@dataclass
 class QuoteBook:
-    """Quotes issued by this server, each redeemable once, for the same offer and parameters, before expiry."""
+    """Quotes issued by this session: each is spent once, before it expires, or voided; a voided one never revives."""
 
-    ttl_s: float = DEFAULT_QUOTE_TTL_S
-    clock: Callable[[], float] = time.time
-    _quotes: dict[str, Quote] = field(default_factory=dict, init=False, repr=False)
-    _used: set[str] = field(default_factory=set, init=False, repr=False)
+    def __init__(self, ttl_s: float = DEFAULT_QUOTE_TTL_S, clock: Callable[[], float] = time.time) -> None:
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._quotes: dict[str, Quote] = {}
+        self._closed: dict[str, str] = {}  # quote id -> "used" or "voided"
 
     def issue(self, offer: Offer, *, disk_gb: float, max_runtime_h: float, params: Mapping[str, object]) -> Quote:
         """Quote `offer` for a create with `params` (the request body without its label).
@@ -287,17 +308,12 @@ class QuoteBook:
         now = self.clock()
         self._forget(now)
         digest = params_digest(params)
-        for open_quote in self._quotes.values():
-            # Asking again for the same thing at the same price gets the same quote, so the user is shown one
-            # question however often the request is retried (elicitation may re-run on each protocol round).
-            if (
-                open_quote.quote_id not in self._used
-                and now < open_quote.expires_at
-                and (open_quote.offer_id, open_quote.params_digest) == (offer.id, digest)
-                and (open_quote.dph, open_quote.disk_gb, open_quote.max_runtime_h)
-                == (offer.dph_total, disk_gb, max_runtime_h)
-            ):
-                return open_quote
+        open_quote = self.open_for(offer.id, digest, disk_gb=disk_gb, max_runtime_h=max_runtime_h)
+        # Asking again for the same thing at the same price gets the same quote, so the user is shown one question
+        # however often the request is retried (elicitation may re-run on each protocol round).
+        if open_quote is not None and open_quote.dph == offer.dph_total:
+            return open_quote
+        env = params.get("env")
         quote = Quote(
             quote_id=f"q-{secrets.token_urlsafe(12)}",
             offer_id=offer.id,
@@ -315,55 +331,62 @@ class QuoteBook:
             params_digest=digest,
             created_at=now,
             expires_at=now + self.ttl_s,
+            image=_text_or_none(params.get("image")),
+            template_hash=_text_or_none(params.get("template_hash_id")),
+            has_onstart=bool(params.get("onstart")),
+            env_names=tuple(sorted(str(k) for k in env)) if isinstance(env, Mapping) else (),
         )
         self._quotes[quote.quote_id] = quote
         return quote
 
-    def redeem(
-        self,
-        quote_id: str,
-        offer_id: int,
-        params: Mapping[str, object],
-        *,
-        disk_gb: float,
-        max_runtime_h: float,
-    ) -> Quote:
-        """Spend the quote on this exact create; a mismatch leaves it unspent, anything else raises a `QuoteError`."""
+    def open_for(self, offer_id: int, digest: str, *, disk_gb: float, max_runtime_h: float) -> Quote | None:
+        """The unspent, unexpired quote for exactly this create, if one was issued."""
+        now = self.clock()
+        for quote in reversed(self._quotes.values()):
+            if (
+                quote.quote_id not in self._closed
+                and now < quote.expires_at
+                and (quote.offer_id, quote.params_digest, quote.disk_gb, quote.max_runtime_h)
+                == (offer_id, digest, disk_gb, max_runtime_h)
+            ):
+                return quote
+        return None
+
+    def take(self, quote_id: str) -> Quote:
+        """Spend a quote: it must exist, be open and unexpired. Raises a `QuoteError` saying what to do instead."""
         now = self.clock()
         quote = self._quotes.get(quote_id)
+        closed = self._closed.get(quote_id)
         if quote is None:
             raise QuoteNotFoundError(
-                f"Quote {quote_id!r} is not one this server issued (quotes do not survive a server restart, and "
+                f"Quote {quote_id!r} is not one this session issued (quotes do not survive a server restart, and "
                 f"expired ones are forgotten after an hour). {_NEXT_STEP}"
             )
-        if quote_id in self._used:
+        if closed == "used":
             raise QuoteUsedError(
                 f"Quote {quote_id} has already paid for an instance; one approval buys one instance. {_NEXT_STEP}"
             )
+        if closed is not None:
+            raise QuoteVoidedError(f"Quote {quote_id} was refused and is void. {_NEXT_STEP}")
         if now >= quote.expires_at:
             raise QuoteExpiredError(
                 f"Quote {quote_id} expired {now - quote.expires_at:.0f} s ago (quotes last {self.ttl_s:g} s because "
                 f"prices move). {_NEXT_STEP}"
             )
-        differences = []
-        if offer_id != quote.offer_id:
-            differences.append(f"offer {offer_id} instead of {quote.offer_id}")
-        if not math.isclose(disk_gb, quote.disk_gb, rel_tol=0, abs_tol=1e-9):
-            differences.append(f"{disk_gb:g} GB of disk instead of {quote.disk_gb:g}")
-        if not math.isclose(max_runtime_h, quote.max_runtime_h, rel_tol=0, abs_tol=1e-9):
-            differences.append(f"a maximum runtime of {max_runtime_h:g} h instead of {quote.max_runtime_h:g}")
-        if not differences and params_digest(params) != quote.params_digest:
-            differences.append("different create parameters (image, template, environment or options)")
-        if differences:
-            raise QuoteMismatchError(
-                f"Quote {quote_id} does not cover this request: {'; '.join(differences)}. Either create exactly "
-                f"what was quoted, or search again and ask the user to approve a quote for the new request."
-            )
-        self._used.add(quote_id)
+        self._closed[quote_id] = "used"
         return quote
+
+    def void(self, quote_id: str) -> None:
+        """A refused quote can never be spent (a later `take` says it was refused)."""
+        if quote_id in self._quotes:
+            self._closed.setdefault(quote_id, "voided")
 
     def _forget(self, now: float) -> None:
         stale = [q for q, quote in self._quotes.items() if now > quote.expires_at + _FORGET_AFTER_S]
         for quote_id in stale:
             del self._quotes[quote_id]
-            self._used.discard(quote_id)
+            self._closed.pop(quote_id, None)
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

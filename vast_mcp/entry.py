@@ -36,10 +36,13 @@ def serve(*, http: bool = False, port: int = 8765) -> int:
     from .lifecycle import run_until_client_leaves
     from .server import build_server
 
-    server = build_server(settings)
     if http:
-        server.run("streamable-http", host="127.0.0.1", port=port)
+        from .config import http_token_from_env
+        from .http import serve_http
+
+        anyio.run(lambda: serve_http(settings, port=port, token=http_token_from_env()))
         return 0
+    server = build_server(settings)
     reason = anyio.run(run_until_client_leaves, server.run_stdio_async)
     logging.getLogger("vast_mcp").info("server stopped: %s", reason)
     return 0

@@ -105,6 +105,10 @@ class QuoteUsedError(QuoteError):
     """The quote already paid for one instance; one approval buys one instance."""
 
 
+class QuoteVoidedError(QuoteError):
+    """The quote was refused (declined, cancelled, unreadable answer) and can never be spent."""
+
+
 class QuoteMismatchError(QuoteError):
     """The quote covers a different offer or different create parameters than the ones requested."""
 

@@ -74,6 +74,22 @@ async def destroy_confirmed(client: VastClient, instance_id: int, *, within: flo
         delay = min(delay * 1.5, 10.0)
 
 
+async def destroy_row(client: VastClient, ledger: Ledger, row: LedgerInstance, *, within: float) -> LedgerInstance:
+    """The one way a tracked instance is destroyed: marked in the ledger, destroyed and read back, then marked
+    destroyed (or destroy-failed, to be retried, and the `VastAPIError` raised)."""
+    assert row.instance_id is not None
+    if row.state is not InstanceState.DESTROYING:
+        await ledger.mark_destroying(row.row_id)
+    try:
+        await destroy_confirmed(client, row.instance_id, within=within)
+    except VastAPIError as exc:
+        await ledger.mark_destroy_failed(row.row_id, str(exc))
+        log.warning("instance %s not confirmed destroyed: %s", row.instance_id, exc)
+        raise
+    log.info("instance %s destroyed (confirmed)", row.instance_id)
+    return await ledger.mark_destroyed(row.row_id)
+
+
 async def find_by_label(client: VastClient, rows: Sequence[LedgerInstance]) -> dict[str, Instance]:
     """Instances on the account whose label names one of `rows` (the create answered by nobody)."""
     wanted = {r.label for r in rows}
@@ -106,20 +122,13 @@ async def reap_rows(
             targets.append(await ledger.mark_created(row.row_id, inst.id, actual_dph=inst.dph_total))
 
     async def one(row: LedgerInstance) -> None:
-        instance_id = row.instance_id
-        assert instance_id is not None
-        if row.state is not InstanceState.DESTROYING:
-            await ledger.mark_destroying(row.row_id)
+        assert row.instance_id is not None
         try:
-            await destroy_confirmed(client, instance_id, within=within)
+            await destroy_row(client, ledger, row, within=within)
         except VastAPIError as exc:
-            await ledger.mark_destroy_failed(row.row_id, str(exc))
-            report.failed[str(instance_id)] = str(exc)
-            log.warning("instance %s not confirmed destroyed: %s", instance_id, exc)
+            report.failed[str(row.instance_id)] = str(exc)
         else:
-            await ledger.mark_destroyed(row.row_id)
-            report.destroyed.append(instance_id)
-            log.info("instance %s destroyed (confirmed)", instance_id)
+            report.destroyed.append(row.instance_id)
 
     async with anyio.create_task_group() as tg:
         for row in targets:

@@ -49,7 +49,7 @@ class OffersResult(BaseModel):
 
 
 class QuoteView(BaseModel):
-    quote_id: str
+    quote_id: str | None = Field(description="Set only when you may come back with it after the user agreed.")
     offer_id: int
     gpu: str
     dph: float = Field(description="$/hour, disk included.")
@@ -67,7 +67,9 @@ class CreateResult(BaseModel):
     quote: QuoteView
     instance_id: int | None = None
     label: str | None = None
-    approved_by: Literal["user", "quote_id", "auto_approve"] | None = None
+    approved_by: Literal["user", "auto_approve", "agent"] | None = None
+    ends_at: float | None = Field(default=None, description="Unix time the instance is destroyed (max runtime).")
+    message: str | None = None
 
     def summary(self) -> str:
         q = self.quote
@@ -78,10 +80,11 @@ class CreateResult(BaseModel):
                 f"arguments plus quote_id='{q.quote_id}'. Do not approve it yourself."
             )
         if self.status == "declined":
-            return "The user declined the quote; nothing was created and nothing is billed."
+            return self.message or "Declined; nothing was created and nothing is billed."
         return (
             f"Created instance {self.instance_id} ({q.gpu}, ${q.dph:.3f}/hr, approved by {self.approved_by}). "
-            f"It bills from now until destroyed. Next: call wait_ready with instance_id={self.instance_id}."
+            f"It bills until destroyed, and is destroyed at its max runtime ({q.max_runtime_hours:g} h). "
+            f"Next: call wait_ready with instance_id={self.instance_id}."
         )
 
 
@@ -196,23 +199,30 @@ class InstanceRow(BaseModel):
     uptime_h: float
     accrued_usd: float
     keep: bool
+    ends_at: float | None = Field(default=None, description="Unix time it is destroyed (max runtime); none if kept.")
 
 
 class InstancesResult(BaseModel):
     instances: list[InstanceRow]
     session_accrued_usd: float
     session_committed_usd: float = Field(description="Accrued plus what live instances may still cost.")
+    session_cap_usd: float | None = Field(default=None, description="VAST_MCP_MAX_SESSION_USD; none if unset.")
+    notices: list[str] = Field(default_factory=list, description="What the server's limits did on their own.")
 
     def summary(self) -> str:
         if not self.instances:
-            return f"No instances in this session. Spent so far: ${self.session_accrued_usd:.2f}."
+            return "\n".join(
+                [f"No instances in this session. Spent so far: ${self.session_accrued_usd:.2f}.", *self.notices]
+            )
         lines = ["instance  gpu                      status            $/hr    uptime   cost"]
         for r in self.instances:
             lines.append(
                 f"{r.instance_id or '-'!s:<9} {r.gpu[:24]:<24} {r.status[:17]:<17} {r.dph:>6.3f}  "
                 f"{r.uptime_h:>5.2f} h  ${r.accrued_usd:.3f}{'  (kept)' if r.keep else ''}"
             )
-        lines.append(f"Session total so far: ${self.session_accrued_usd:.3f}.")
+        cap = f" of the ${self.session_cap_usd:.2f} cap" if self.session_cap_usd is not None else ""
+        lines.append(f"Session total so far: ${self.session_accrued_usd:.3f}{cap}.")
+        lines += self.notices
         return "\n".join(lines)
 
 
@@ -261,7 +271,7 @@ class RunTry(BaseModel):
 
 
 class RunApprovalView(BaseModel):
-    approved_by: Literal["user", "quote_id", "auto_approve"] | None = None
+    approved_by: Literal["user", "auto_approve", "agent"] | None = None
     quote: QuoteView = Field(description="The first machine's price quote.")
     ceiling_dph: float = Field(description="Highest $/hour any machine of this run may cost (failovers included).")
     max_tries: int = Field(description="Most machines this run may rent one after the other.")
@@ -303,6 +313,7 @@ class RunView(BaseModel):
     log_more: bool = Field(default=False, description="More log is already waiting beyond next_cursor.")
     log_skipped_bytes: int = Field(default=0, description="Older log bytes no longer kept by the server.")
     receipt: RunReceipt | None = None
+    message: str | None = None
 
     def summary(self) -> str:
         if self.status == "approval_required":
@@ -313,7 +324,7 @@ class RunView(BaseModel):
                 f"quote_id='{self.approval.quote.quote_id}'. Do not approve it yourself."
             )
         if self.status == "declined":
-            return "The user declined the run; nothing was rented and nothing is billed."
+            return self.message or "Declined; nothing was rented and nothing is billed."
         lines = [self._headline()]
         lines += [f"  try {t.number}: {t.gpu} ${t.dph:.3f}/hr, {_try_words(t)}" for t in self.tries]
         if self.log or self.log_skipped_bytes:

@@ -13,17 +13,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
+from .approval import Approvals, Grant, request_digest
 from .config import Settings
-from .consent import Quote, QuoteBook, check_caps, needs_user_approval, price_recheck
+from .consent import Quote, QuoteBook, check_caps, params_digest, price_recheck
 from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
 from .errors import (
     ConsentError,
     LedgerError,
     OfferUnavailableError,
+    QuoteMismatchError,
     SSHUnavailableError,
     TransferError,
     VastAPIError,
@@ -31,7 +33,7 @@ from .errors import (
 )
 from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
 from .lifecycle import spawn_reaper
-from .reaper import ReapReport, destroy_confirmed, find_by_label, reap_dead_sessions, reap_session
+from .reaper import ReapReport, destroy_confirmed, destroy_row, find_by_label, reap_dead_sessions, reap_session
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.hostkeys import HostKeyStore
 from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
@@ -59,13 +61,17 @@ from .vast.query import OfferFilters, build_offer_query
 log = logging.getLogger("vast_mcp.service")
 
 Progress = Callable[[float, float | None, str], Awaitable[None]]
-ApprovedBy = Literal["user", "quote_id", "auto_approve"]
 FAILED_STATUSES = frozenset({"exited", "offline", "unknown"})
 API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
 HEARTBEAT_S = 60.0
 SWEEP_S = 60.0  # how often a running server looks for sessions that died since it started
 OUTPUT_CAP = 64 * 1024  # bytes of command output returned to the model; the middle is cut, and that is said
 TEARDOWN_INLINE_S = 1.2  # what the stdio host leaves us after closing stdin, minus a margin
+DESTROY_WITHIN_S = 40.0
+LIMITS_CHECK_S = 1.0  # how often a session checks its instances' max runtimes and its spend cap
+RUN_GRACE_S = 600.0  # past its max runtime, a run's machine gets this long to hand over its results
+CAP_WARN_AT = 0.8  # share of VAST_MCP_MAX_SESSION_USD spent at which the session warns
+REQUOTE_AFTER_S = 60.0  # a quote younger than this is reused for the same request instead of searching again
 
 
 async def _no_progress(done: float, total: float | None, message: str) -> None:
@@ -93,6 +99,10 @@ class CreateRequest:
             env=dict(self.env),
         )
 
+    def digest(self) -> str:
+        """What an approval of this exact create covers."""
+        return request_digest(["create", self.offer_id, self.disk_gb, self.max_runtime_h, self.params()])
+
 
 def offer_row(rank: int, offer: Offer) -> OfferRow:
     vram = f" {offer.gpu_ram / 1000:.0f}GB" if offer.gpu_ram else ""
@@ -111,9 +121,10 @@ def offer_row(rank: int, offer: Offer) -> OfferRow:
     )
 
 
-def quote_view(quote: Quote) -> QuoteView:
+def quote_view(quote: Quote, *, with_id: bool = False) -> QuoteView:
+    """The quote as the agent sees it; its id only where the agent may redeem it (the honour system)."""
     return QuoteView(
-        quote_id=quote.quote_id,
+        quote_id=quote.quote_id if with_id else None,
         offer_id=quote.offer_id,
         gpu=quote.gpu,
         dph=quote.dph,
@@ -145,11 +156,15 @@ class Service:
         self.scope = session.scope
         self.key = key
         self.quotes = QuoteBook(ttl_s=settings.caps.quote_ttl_s)
+        self.approvals = Approvals(settings.caps, self.quotes)
         self.hosts = RemoteHosts(key, HostKeyStore.in_state_dir(settings.state_dir))
         self._key_registered = False
         self._secrets: set[str] = set()
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._create_lock = anyio.Lock()
+        self._cap_warned = False
+        self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
+        self.run_instances: Callable[[], set[int]] = set  # instances in use by runs (set by the session's RunBook)
 
     @classmethod
     @asynccontextmanager
@@ -209,6 +224,54 @@ class Service:
                 log.warning("sweep of dead sessions failed (retried in %.0f s): %s", period, exc)
             await anyio.sleep(period)
 
+    async def enforce_limits_forever(self) -> None:
+        """Hold every rental to what the user approved, for as long as the session runs (see `enforce_limits`)."""
+        while True:
+            await anyio.sleep(LIMITS_CHECK_S)
+            try:
+                await self.enforce_limits()
+            except VastMCPError as exc:
+                log.warning("limit check failed (retried in %.0f s): %s", LIMITS_CHECK_S, exc)
+
+    async def enforce_limits(self) -> None:
+        """The approval is a ceiling. An instance past its max runtime is destroyed (not stopped: a stopped one
+        still bills its disk, with no end date the user agreed to); a kept one only when the session's spend cap is
+        reached, which ends every instance of the session. 80% of the cap is warned about first."""
+        now = time.time()
+        rows = [r for r in await self.ledger.session_instances(self.session_id) if r.instance_id is not None]
+        spend = await self.ledger.spend(self.session_id)
+        cap = self.settings.caps.max_session_usd
+        over_cap = cap is not None and spend.accrued >= cap
+        if cap is not None and not over_cap and spend.accrued >= CAP_WARN_AT * cap and not self._cap_warned:
+            self._cap_warned = True
+            self._notice(
+                f"This session has spent ${spend.accrued:.2f}, {spend.accrued / cap:.0%} of VAST_MCP_MAX_SESSION_USD="
+                f"${cap:.2f}. At 100% every instance of the session is destroyed; download results first."
+            )
+        in_runs = self.run_instances()
+        for row in rows:
+            grace = RUN_GRACE_S if row.instance_id in in_runs else 0.0
+            past_runtime = not row.keep and now >= row.created_at + row.max_runtime_h * 3600 + grace
+            if not (over_cap or past_runtime):
+                continue
+            why = (
+                f"the session's spend reached VAST_MCP_MAX_SESSION_USD=${cap:.2f}"
+                if over_cap
+                else f"its approved max runtime of {row.max_runtime_h:g} h is over"
+            )
+            instance_id = row.instance_id
+            assert instance_id is not None
+            try:
+                await self.destroy(instance_id)
+            except VastMCPError as exc:
+                log.warning("instance %s: %s, but destroying it failed: %s", row.instance_id, why, exc)
+                continue
+            self._notice(f"Instance {row.instance_id} was destroyed: {why}.")
+
+    def _notice(self, text: str) -> None:
+        log.warning("%s", text)
+        self.notices.append(text)
+
     async def reap_dead_sessions(self) -> ReapReport:
         """Destroy what servers that died on this account left behind (one sweep)."""
         report = await reap_dead_sessions(self.client, self.ledger, self.scope)
@@ -253,11 +316,20 @@ class Service:
         )
 
     async def quote(self, request: CreateRequest) -> Quote:
-        """Price `request` now (disk included), and check it against the caps before anyone is asked."""
-        offer = await self._offer(request.offer_id, request.disk_gb)
-        quote = self.quotes.issue(
-            offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=request.params()
+        """Price `request` (disk included), and check it against the caps before anyone is asked.
+
+        A quote issued for the same request moments ago is reused without searching again: the question and the
+        tool body, and each round of a multi-round call, price once (Vast allows about ten searches a minute).
+        """
+        params = request.params()
+        quote = self.quotes.open_for(
+            request.offer_id, params_digest(params), disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h
         )
+        if quote is None or self.quotes.clock() - quote.created_at > REQUOTE_AFTER_S:
+            offer = await self._offer(request.offer_id, request.disk_gb)
+            quote = self.quotes.issue(
+                offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=params
+            )
         await self._check_caps(quote)
         return quote
 
@@ -265,9 +337,6 @@ class Service:
         spend = await self.ledger.spend(self.session_id)
         live = await self.ledger.live_count(self.session_id)
         check_caps(quote, self.settings.caps, spend.committed, live)
-
-    def needs_approval(self, quote: Quote) -> bool:
-        return needs_user_approval(quote, self.settings.caps)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -281,10 +350,14 @@ class Service:
             await self.client.create_ssh_key(self.key.public_line)
         self._key_registered = True
 
-    async def create(
-        self, request: CreateRequest, quote: Quote, approved_by: ApprovedBy, progress: Progress = _no_progress
-    ) -> CreateResult:
-        """Rent the quoted offer. The ledger row exists before the request leaves; the price is re-checked after."""
+    async def create(self, request: CreateRequest, grant: Grant, progress: Progress = _no_progress) -> CreateResult:
+        """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
+        after."""
+        quote = grant.quote
+        if (request.offer_id, params_digest(request.params())) != (quote.offer_id, quote.params_digest):
+            raise QuoteMismatchError(
+                f"The approval covers offer {quote.offer_id} as quoted, not this request. Ask for a new approval."
+            )
         async with self._create_lock:  # caps are checked and the intent written as one step per session
             await self._check_caps(quote)
             await self.ensure_key_registered()
@@ -306,7 +379,7 @@ class Service:
                 template_hash=request.template_hash,
                 disk_gb=request.disk_gb,
                 label=row.label,
-                onstart=self._onstart(request.onstart),
+                onstart=self._onstart(request),
                 env=params["env"],
             )
         except (OfferUnavailableError, ConsentError) as exc:
@@ -334,14 +407,18 @@ class Service:
             quote=quote_view(quote),
             instance_id=instance_id,
             label=row.label,
-            approved_by=approved_by,
+            approved_by=grant.approved_by,
+            ends_at=row.created_at + quote.max_runtime_h * 3600,
         )
 
-    def _onstart(self, onstart: str | None) -> str | None:
+    def _onstart(self, request: CreateRequest) -> str | None:
         lease = self.settings.lease_s
         if lease is None:
-            return onstart
-        return onstart_with_watchdog(onstart, api_url=self.settings.vast_url, lease_s=lease)
+            return request.onstart
+        runs_for = request.max_runtime_h * 3600 + RUN_GRACE_S
+        return onstart_with_watchdog(
+            request.onstart, api_url=self.settings.vast_url, lease_s=lease, runs_for_s=runs_for
+        )
 
     async def _find_lost(self, row: LedgerInstance) -> int | None:
         try:
@@ -634,28 +711,23 @@ class Service:
             await self.ledger.update_job(row.row_id, status.job_id, status=status.state, exit_code=status.exit_code)
 
     async def destroy(self, instance_id: int, *, foreign_ok: bool = False) -> DestroyResult:
-        """Destroy and confirm. Instances this session did not create need `foreign_ok` (the user's say-so)."""
+        """Destroy and confirm. Instances this session did not create need `foreign_ok`: the user's yes, which
+        `Approvals.destroy_foreign` decides."""
         row = await self.own(instance_id)
         if row is None and not foreign_ok:
-            raise ConsentError(
-                f"Instance {instance_id} was not created by this session. Destroying it deletes someone's work: ask "
-                "the user, and only if they agree call destroy again with confirm_not_mine=true."
-            )
-        if row is not None:
-            await self.ledger.mark_destroying(row.row_id)
+            raise ConsentError(f"Instance {instance_id} was not created by this session; only the user can allow that.")
+        accrued = None
         try:
-            await destroy_confirmed(self.client, instance_id, within=40.0)
+            if row is not None and row.instance_id is not None:
+                done = await destroy_row(self.client, self.ledger, row, within=DESTROY_WITHIN_S)
+                accrued = round(done.accrued(time.time()), 4)
+            else:
+                await destroy_confirmed(self.client, instance_id, within=DESTROY_WITHIN_S)
         except VastAPIError as exc:
-            if row is not None:
-                await self.ledger.mark_destroy_failed(row.row_id, str(exc))
             raise VastAPIError(
                 f"Destroying instance {instance_id} is not confirmed yet ({exc}). It stays tracked and will be "
                 "retried; call destroy again in a minute."
             ) from exc
-        accrued = None
-        if row is not None:
-            done = await self.ledger.mark_destroyed(row.row_id)
-            accrued = round(done.accrued(time.time()), 4)
         self._beating.pop(instance_id, None)
         await self.hosts.forget(f"{self.scope}/{instance_id}")
         return DestroyResult(instance_id=instance_id, confirmed=True, accrued_usd=accrued)
@@ -687,6 +759,7 @@ class Service:
                     uptime_h=round(r.hours(now), 4),
                     accrued_usd=round(r.accrued(now), 4),
                     keep=r.keep,
+                    ends_at=None if r.keep or not r.is_live else r.created_at + r.max_runtime_h * 3600,
                 )
             )
         spend = await self.ledger.spend(self.session_id)
@@ -694,6 +767,8 @@ class Service:
             instances=out,
             session_accrued_usd=round(spend.accrued, 4),
             session_committed_usd=round(spend.committed, 4),
+            session_cap_usd=self.settings.caps.max_session_usd,
+            notices=list(self.notices),
         )
 
 

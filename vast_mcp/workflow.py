@@ -11,8 +11,6 @@ other, and every failover offer is re-quoted and checked against that ceiling be
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import secrets
@@ -24,12 +22,12 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from .consent import PRICE_EPSILON, Quote
+from .approval import ApprovedBy, Grant, request_digest
+from .consent import Quote
 from .errors import (
     CapExceededError,
     ConsentError,
     OfferUnavailableError,
-    QuoteError,
     RemoteError,
     TransferError,
     VastAPIError,
@@ -46,7 +44,7 @@ from .results import (
     RunTry,
     RunView,
 )
-from .service import ApprovedBy, CreateRequest, Progress, Service, quote_view
+from .service import CreateRequest, Progress, Service, quote_view
 from .vast.query import OfferFilters
 
 log = logging.getLogger("vast_mcp.workflow")
@@ -64,7 +62,6 @@ LOG_NOTE_S = 5.0  # bound on fetching an instance's log to explain a failure
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?Z?\s*")
 CANCEL_WAIT_S = 0.3  # what session teardown grants runs to stop before it destroys their instances
 RESULTS_FOLDER = "vast-results"
-PENDING_KEEP = 100  # plans shown for approval that are remembered; a spent one still answers "already paid"
 
 
 @dataclass(frozen=True)
@@ -101,6 +98,7 @@ class RunSpec:
         )
 
     def digest(self) -> str:
+        """What an approval of this run covers: every argument, secrets by name only."""
         data = {
             "command": self.command,
             "image": self.image,
@@ -122,7 +120,7 @@ class RunSpec:
             "ready_timeout_s": self.ready_timeout_s,
             "max_tries": self.max_tries,
         }
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+        return request_digest(["run", data])
 
     def script(self) -> str:
         """The background job: go to the working folder, run the setup (stopping at the first failure), then
@@ -160,16 +158,23 @@ class RunPlan:
             if tries > 1
             else ""
         )
+        kept = (
+            f" If the job fails, that instance is KEPT for debugging: it goes on billing ${self.ceiling_dph:.3f}/hr "
+            "at most, with no end date, until someone destroys it."
+            if self.spec.keep_on_failure
+            else ""
+        )
         return (
             f"Run a job: {q.describe()}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
             f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
             f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
+            f"{kept}"
         )
 
-    def view(self, approved_by: ApprovedBy | None) -> RunApprovalView:
+    def view(self, approved_by: ApprovedBy | None, *, with_id: bool = False) -> RunApprovalView:
         return RunApprovalView(
             approved_by=approved_by,
-            quote=quote_view(self.quote),
+            quote=quote_view(self.quote, with_id=with_id),
             ceiling_dph=round(self.ceiling_dph, 6),
             max_tries=self.spec.max_tries,
             max_runtime_hours=self.spec.max_runtime_h,
@@ -240,7 +245,7 @@ class _RunFailed(Exception):
 class Run:
     id: str
     plan: RunPlan
-    approved_by: ApprovedBy
+    grant: Grant
     started_at: float = field(default_factory=time.monotonic)
     status: RunStatus = "running"
     phase: RunPhase = "renting"
@@ -262,6 +267,10 @@ class Run:
     @property
     def spec(self) -> RunSpec:
         return self.plan.spec
+
+    @property
+    def approved_by(self) -> ApprovedBy:
+        return self.grant.approved_by
 
     @property
     def log_end(self) -> int:
@@ -319,56 +328,37 @@ def _whole_characters(data: bytes) -> int:
 
 
 class RunBook:
-    """This session's runs, and the plans waiting for an approval by quote id."""
+    """This session's runs."""
 
     def __init__(self, service: Service, task_group: TaskGroup) -> None:
         self.service = service
         self._tg = task_group
         self._runs: dict[str, Run] = {}
-        self._pending: dict[str, RunPlan] = {}
-
-    # --- consent ------------------------------------------------------------------------------------------------
-
-    def hold_for_approval(self, plan: RunPlan) -> None:
-        """Remember a plan shown to the user, so a later run_job with its quote id runs exactly that plan."""
-        self._pending[plan.quote.quote_id] = plan
-        while len(self._pending) > PENDING_KEEP:
-            del self._pending[next(iter(self._pending))]
-
-    def approved_plan(self, quote_id: str, spec: RunSpec) -> RunPlan:
-        plan = self._pending.get(quote_id)
-        if plan is None:
-            raise QuoteError(
-                f"Quote {quote_id!r} is not a run_job quote of this session (quotes do not survive a server "
-                "restart). Call run_job again without quote_id and ask the user to approve the new quote."
-            )
-        if plan.spec.digest() != spec.digest():
-            raise QuoteError(
-                f"Quote {quote_id} was approved for a different run (command, files, GPU requirements, budget or "
-                "options differ). Call run_job with exactly the approved arguments, or without quote_id to get "
-                "a new quote for the user to approve."
-            )
-        return plan
-
-    def auto_approved(self, plan: RunPlan) -> RunPlan | None:
-        """The plan within the pre-approved price (`VAST_MCP_AUTO_APPROVE_DPH`), its ceiling lowered to it."""
-        if self.service.needs_approval(plan.quote):
-            return None
-        limit = self.service.settings.caps.auto_approve_dph
-        ceiling = plan.ceiling_dph if limit is None else min(plan.ceiling_dph, limit)
-        return RunPlan(plan.spec, plan.quote, max(ceiling, plan.quote.dph), "the pre-approved price limit")
+        service.run_instances = self.instances
 
     # --- runs ---------------------------------------------------------------------------------------------------
 
-    def start(self, plan: RunPlan, approved_by: ApprovedBy) -> Run:
-        """Spend the approved quote and start the run in the session's task group."""
-        q = plan.quote
-        params = plan.spec.request(q.offer_id).params()
-        self.service.quotes.redeem(q.quote_id, q.offer_id, params, disk_gb=q.disk_gb, max_runtime_h=q.max_runtime_h)
-        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, approved_by=approved_by)
+    def start(self, spec: RunSpec, grant: Grant) -> Run:
+        """Start the approved run in the session's task group."""
+        plan = RunPlan(spec, grant.quote, grant.ceiling_dph, grant.ceiling_why)
+        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant)
         self._runs[run.id] = run
         self._tg.start_soon(self._execute, run)
         return run
+
+    def active(self) -> bool:
+        """Whether any run is still going (its client may be silent for hours while it does)."""
+        return any(run.status == "running" for run in self._runs.values())
+
+    def instances(self) -> set[int]:
+        """Instances that runs in progress use: they end with their run, which fetches results first."""
+        return {
+            t.instance_id
+            for run in self._runs.values()
+            if run.status == "running"
+            for t in run.tries
+            if t.instance_id is not None
+        }
 
     def get(self, run_id: str) -> Run:
         run = self._runs.get(run_id)
@@ -469,19 +459,20 @@ class RunBook:
 
     async def _rent(self, run: Run) -> _Try:
         """Rent machines one after the other until one is ready (and has the uploads), within the approval."""
-        spec, plan = run.spec, run.plan
+        spec = run.spec
         excluded_machines: set[int] = set()
         tried_offers: set[int] = set()
-        quote: Quote | None = plan.quote
+        grant: Grant | None = run.grant
         for number in range(1, spec.max_tries + 1):
-            if quote is None:
+            if grant is None:
                 run.touch("renting", f"looking for another offer (try {number} of {spec.max_tries})")
-                quote = await self._next_quote(run, excluded_machines, tried_offers)
+                grant = await self._next_grant(run, excluded_machines, tried_offers)
+            quote = grant.quote
             tried_offers.add(quote.offer_id)
             current = _Try(number, quote.offer_id, quote.machine_id, quote.gpu, quote.dph)
             run.tries.append(current)
-            reason = await self._start_machine(run, current, quote)
-            quote = None
+            reason = await self._start_machine(run, current, grant)
+            grant = None
             if reason is None:
                 current.outcome = "used"
                 run.touch()
@@ -497,8 +488,9 @@ class RunBook:
             "Try other GPU requirements, a higher budget, or later."
         )
 
-    async def _next_quote(self, run: Run, excluded_machines: set[int], tried_offers: set[int]) -> Quote:
-        spec, ceiling = run.spec, run.plan.ceiling_dph
+    async def _next_grant(self, run: Run, excluded_machines: set[int], tried_offers: set[int]) -> Grant:
+        """The next machine within the run's approval (its ceiling), quoted and granted."""
+        spec, ceiling = run.spec, run.grant.ceiling_dph
         filters = spec.filters.model_copy(
             update={
                 "max_dph": ceiling,
@@ -515,27 +507,21 @@ class RunBook:
                 quote = await self.service.quote(spec.request(row.offer_id))
             except OfferUnavailableError:
                 continue
-            if quote.dph > ceiling + PRICE_EPSILON:
+            grant = self.service.approvals.failover(run.grant, quote)
+            if grant is None:
                 continue  # its price rose past what the user approved since the search
-            self.service.quotes.redeem(
-                quote.quote_id,
-                quote.offer_id,
-                spec.request(quote.offer_id).params(),
-                disk_gb=quote.disk_gb,
-                max_runtime_h=quote.max_runtime_h,
-            )
-            return quote
+            return grant
         raise _RunFailed(
             f"No other offer matches within the approved ${ceiling:.3f}/hr after excluding the machines that "
             "failed. Call run_job again with a higher max_dph (the user approves it) or other GPU requirements."
         )
 
-    async def _start_machine(self, run: Run, current: _Try, quote: Quote) -> str | None:
+    async def _start_machine(self, run: Run, current: _Try, grant: Grant) -> str | None:
         """Create, wait until usable, upload. None when the machine is ready for the job, else why not."""
-        service, spec = self.service, run.spec
+        service, spec, quote = self.service, run.spec, grant.quote
         run.touch("renting", f"renting offer {quote.offer_id} ({quote.gpu}, ${quote.dph:.3f}/hr)")
         try:
-            created = await service.create(spec.request(quote.offer_id), quote, run.approved_by)
+            created = await service.create(spec.request(quote.offer_id), grant)
         except CapExceededError as exc:
             raise _RunFailed(str(exc)) from None
         except OfferUnavailableError:
@@ -661,7 +647,7 @@ class RunBook:
                 problem = f"{problem} {note}" if problem else note
         failed = problem is not None
         if failed and spec.keep_on_failure:
-            await service.keep(iid, True)
+            await service.keep(iid, True)  # the user's approval of the run said so (RunPlan.question)
             current.kept = True
             run.touch(detail=f"instance {iid} kept for debugging")
         else:
@@ -671,8 +657,13 @@ class RunBook:
         )
 
     async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
-        """Follow the job's log until it ends. None when it ended by itself (see `run.exit_code`), else why not."""
-        deadline = time.monotonic() + run.spec.max_runtime_h * 3600
+        """Follow the job's log until it ends. None when it ended by itself (see `run.exit_code`), else why not.
+
+        The job is stopped at the machine's approved end (its max runtime counted from the rental), leaving the
+        session's limit enforcer a grace period for the results download before it destroys the machine."""
+        row = await self.service.own(iid)
+        ends_at = row.created_at + run.spec.max_runtime_h * 3600 if row is not None else time.time()
+        deadline = time.monotonic() + max(0.0, ends_at - time.time())
         cursor, failures = 0, 0
         while True:
             asked = time.monotonic()

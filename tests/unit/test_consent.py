@@ -16,7 +16,6 @@ from vast_mcp.consent import (
     Quote,
     QuoteBook,
     check_caps,
-    needs_user_approval,
     params_digest,
     price_recheck,
 )
@@ -28,6 +27,7 @@ from vast_mcp.errors import (
     QuoteMismatchError,
     QuoteNotFoundError,
     QuoteUsedError,
+    QuoteVoidedError,
 )
 from vast_mcp.vast.models import Offer
 
@@ -90,18 +90,24 @@ def test_describe_gives_the_key_numbers() -> None:
         "Norway",
         "reliability 99.3%",
         "$0.824/hr including 40 GB of disk",
-        "3 h",
+        "Maximum runtime 3 h (the instance is destroyed then)",
         "$2.47",
         "$0.005/GB up, $0.010/GB down",
-        "22:23:20 UTC",
+        "image pytorch/pytorch:latest with environment variables A",
     ):
         assert fragment in text
+    assert "q-" not in text  # the id is not the user's business, and must not reach an agent with the text
     bare = QuoteBook(clock=Clock()).issue(
         _offer(num_gpus=1, gpu_ram=0, reliability=None, reliability2=None, geolocation=None, machine_id=None,
                inet_up_cost=None, inet_down_cost=None),
         disk_gb=10, max_runtime_h=0.5, params={},
     ).describe()  # fmt: skip
-    assert "1× RTX 4090 (offer 123456)." in bare and "transfer" not in bare and "$0.41" in bare
+    assert "1× RTX 4090 (offer 123456), running template" in bare and "$0.41" in bare
+    assert "no charge listed" in bare and "no onstart script, no environment variables" in bare
+    with_onstart = QuoteBook(clock=Clock()).issue(
+        _offer(), disk_gb=10, max_runtime_h=1, params={"image": "img", "onstart": "echo hi", "env": {}}
+    )
+    assert "image img with an onstart script at boot" in with_onstart.describe()
 
 
 def test_quote_ids_are_unique() -> None:
@@ -110,20 +116,30 @@ def test_quote_ids_are_unique() -> None:
     assert len(ids) == 200
 
 
-def test_a_quote_is_redeemed_once() -> None:
+def test_a_quote_is_spent_once() -> None:
     book = QuoteBook(clock=Clock())
     quote = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
-    same_params = {"runtype": "ssh", "env": {"A": "1"}, "disk": 40, "image": "pytorch/pytorch:latest"}
-    assert book.redeem(quote.quote_id, 123456, same_params, disk_gb=40.0, max_runtime_h=3) == quote
+    assert book.take(quote.quote_id) == quote
     with pytest.raises(QuoteUsedError, match="Search again and ask the user to approve the new quote"):
-        book.redeem(quote.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3)
+        book.take(quote.quote_id)
+
+
+def test_a_voided_quote_never_revives() -> None:
+    book = QuoteBook(clock=Clock())
+    quote = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
+    book.void(quote.quote_id)
+    with pytest.raises(QuoteVoidedError, match="refused"):
+        book.take(quote.quote_id)
+    # Asking again for the same thing gets a new quote, not the refused one.
+    again = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
+    assert again.quote_id != quote.quote_id
 
 
 def test_an_unknown_quote_is_refused() -> None:
     book = QuoteBook(clock=Clock())
     book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
     with pytest.raises(QuoteNotFoundError, match="Search again"):
-        book.redeem("q-made-up-by-the-agent", 123456, PARAMS, disk_gb=40, max_runtime_h=3)
+        book.take("q-made-up-by-the-agent")
 
 
 def test_a_quote_expires() -> None:
@@ -132,40 +148,19 @@ def test_a_quote_expires() -> None:
     quote = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
     late = book.issue(_offer(dph_total=0.9), disk_gb=40, max_runtime_h=3, params=PARAMS)
     clock.now += 59.9
-    assert book.redeem(quote.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3) == quote
+    assert book.take(quote.quote_id) == quote
     clock.now += 0.1
     with pytest.raises(QuoteExpiredError, match=r"expired 0 s ago .*Search again"):
-        book.redeem(late.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3)
+        book.take(late.quote_id)
     # Long after expiry the quote is forgotten (memory stays bounded); the answer is still actionable.
     clock.now += 2 * 3600
     book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
     with pytest.raises(QuoteNotFoundError, match="Search again"):
-        book.redeem(late.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3)
-
-
-@pytest.mark.parametrize(
-    ("offer_id", "params", "disk_gb", "hours", "reason"),
-    [
-        (999, PARAMS, 40, 3, "offer 999 instead of 123456"),
-        (123456, {**PARAMS, "image": "evil/miner"}, 40, 3, "different create parameters"),
-        (123456, {**PARAMS, "env": {"A": "2"}}, 40, 3, "different create parameters"),
-        (123456, PARAMS, 400, 3, "400 GB of disk instead of 40"),
-        (123456, PARAMS, 40, 30, "maximum runtime of 30 h instead of 3"),
-    ],
-)
-def test_a_quote_cannot_buy_something_else(
-    offer_id: int, params: dict[str, object], disk_gb: float, hours: float, reason: str
-) -> None:
-    book = QuoteBook(clock=Clock())
-    quote = book.issue(_offer(), disk_gb=40, max_runtime_h=3, params=PARAMS)
-    with pytest.raises(QuoteMismatchError, match=reason):
-        book.redeem(quote.quote_id, offer_id, params, disk_gb=disk_gb, max_runtime_h=hours)
-    # The user's approval of what was quoted still stands.
-    assert book.redeem(quote.quote_id, 123456, PARAMS, disk_gb=40, max_runtime_h=3) == quote
+        book.take(late.quote_id)
 
 
 def test_every_quote_error_is_a_quote_error() -> None:
-    for cls in (QuoteExpiredError, QuoteMismatchError, QuoteNotFoundError, QuoteUsedError):
+    for cls in (QuoteExpiredError, QuoteMismatchError, QuoteNotFoundError, QuoteUsedError, QuoteVoidedError):
         assert issubclass(cls, QuoteError)
 
 
@@ -205,9 +200,12 @@ def test_caps_from_env() -> None:
             "VAST_MCP_MAX_INSTANCES": " 5 ",
             "VAST_MCP_AUTO_APPROVE_DPH": "0.2",
             "VAST_MCP_QUOTE_TTL_S": "120",
+            "VAST_MCP_TRUST_AGENT_APPROVAL": "1",
         }
     )
-    assert caps == Caps(max_dph=1.5, max_session_usd=None, max_instances=5, auto_approve_dph=0.2, quote_ttl_s=120)
+    assert caps == Caps(
+        max_dph=1.5, max_session_usd=None, max_instances=5, auto_approve_dph=0.2, quote_ttl_s=120, trust_agent=True
+    )
     assert Caps.from_env({"VAST_MCP_MAX_INSTANCES": "unlimited", "VAST_MCP_MAX_DPH": ""}) == Caps(max_instances=None)
 
 
@@ -226,6 +224,7 @@ def test_caps_from_env() -> None:
         ("VAST_MCP_QUOTE_TTL_S", "none"),
         ("VAST_MCP_QUOTE_TTL_S", "10m"),
         ("VAST_MCP_QUOTE_TTL_S", "100000"),
+        ("VAST_MCP_TRUST_AGENT_APPROVAL", "maybe"),
     ],
 )
 def test_bad_cap_values_name_the_variable_and_the_shape(name: str, value: str) -> None:
@@ -273,14 +272,6 @@ def test_session_spend_cap() -> None:
 def test_no_caps_allow_anything() -> None:
     caps = Caps(max_dph=None, max_session_usd=None, max_instances=None)
     check_caps(_quote(dph=99.0, hours=100), caps, session_spend=1e6, live_instances=1000)
-
-
-def test_approval_rule() -> None:
-    assert needs_user_approval(_quote(dph=0.01), Caps())
-    caps = Caps(auto_approve_dph=0.2)
-    assert not needs_user_approval(_quote(dph=0.2), caps)
-    assert not needs_user_approval(_quote(dph=0.05), caps)
-    assert needs_user_approval(_quote(dph=0.21), caps)
 
 
 def test_price_recheck() -> None:
@@ -363,5 +354,5 @@ def test_same_request_gets_the_same_open_quote() -> None:
     assert again.quote_id == first.quote_id
     assert other.quote_id != first.quote_id
     assert first.gpu_ram_gb == 24
-    book.redeem(first.quote_id, 7, {"image": "img"}, disk_gb=32, max_runtime_h=2)
+    book.take(first.quote_id)
     assert book.issue(offer, disk_gb=32, max_runtime_h=2, params={"image": "img"}).quote_id != first.quote_id

@@ -6,10 +6,9 @@ import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from mcp.server import MCPServer
-from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -17,21 +16,19 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import VastMCPError
 from ..service import Progress, Service
+from ..sessions import STDIO_KEY, Sessions, SessionState
 from ..workflow import RunBook
 
 MAX_CALL_S = 45.0  # every tool call returns within about this long; longer waits are resumable
+SESSIONLESS_KEY = "sessionless"  # HTTP requests of the 2026-07-28 protocol carry no MCP session id
 
 
 @dataclass(frozen=True)
 class AppState:
-    """One MCP session's state (the lifespan context): the service that rents, and its server-side runs."""
+    """The server's state (the lifespan context): one session per MCP client."""
 
-    service: Service
-    runs: RunBook
-
-
-class Approval(BaseModel):
-    approve: bool = Field(description="Rent this GPU at this price?")
+    sessions: Sessions
+    http: bool
 
 
 InstanceId = Annotated[int, Field(ge=1, le=2**53, description="Vast instance id (from create_instance).")]
@@ -65,7 +62,7 @@ SecretVars = Annotated[
 ]
 QuoteId = Annotated[
     str | None,
-    Field(max_length=64, description="The quote the user approved, when a previous call asked for approval."),
+    Field(max_length=64, description="Only after an 'approval_required' answer: the quote id the user approved."),
 ]
 JobId = Annotated[str, Field(min_length=1, max_length=64, description="job_id from exec_background.")]
 Excludes = Annotated[
@@ -119,12 +116,22 @@ def agent_errors() -> Iterator[None]:
         raise ToolError(f"{exc}. Fix the argument and call again.") from None
 
 
-def service_of(ctx: Context[AppState, Any]) -> Service:
-    return ctx.request_context.lifespan_context.service
+async def session_of(ctx: Context[AppState, Any]) -> SessionState:
+    """The calling client's session: the process's only one over stdio, its own MCP session's over HTTP."""
+    app = ctx.request_context.lifespan_context
+    key = STDIO_KEY
+    if app.http:
+        headers = ctx.headers or {}
+        key = headers.get("mcp-session-id") or SESSIONLESS_KEY
+    return await app.sessions.get(key)
 
 
-def runs_of(ctx: Context[AppState, Any]) -> RunBook:
-    return ctx.request_context.lifespan_context.runs
+async def service_of(ctx: Context[AppState, Any]) -> Service:
+    return (await session_of(ctx)).service
+
+
+async def runs_of(ctx: Context[AppState, Any]) -> RunBook:
+    return (await session_of(ctx)).runs
 
 
 def can_elicit(ctx: Context[Any, Any]) -> bool:
@@ -132,21 +139,6 @@ def can_elicit(ctx: Context[Any, Any]) -> bool:
     caps = ctx.client_capabilities
     e = caps.elicitation if caps is not None else None
     return e is not None and (e.form is not None or e.url is None)
-
-
-def users_answer(
-    ctx: Context[Any, Any], approval: ElicitationResult[Approval]
-) -> Literal["user", "declined", "approval_required"]:
-    """What the user said to the price question a resolver put to them (`approval_required`: it could not be asked
-    because the client shows no forms, so the agent must come back with the quote id)."""
-    if not can_elicit(ctx):
-        return "approval_required"
-    if isinstance(approval, AcceptedElicitation):
-        if isinstance(approval.data, Approval):
-            return "user" if approval.data.approve else "declined"
-        # The resolver asked nothing (the offer vanished, a cap refused): nothing was approved.
-        raise ToolError("The price could not be put to the user. Search again, then call once more.")
-    return "declined"
 
 
 def progress_of(ctx: Context[Any, Any]) -> Progress:

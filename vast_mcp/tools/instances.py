@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -12,6 +13,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
 from pydantic import Field
 
+from ..approval import Pending, Refusal, YesNo, read_answer
+from ..consent import Quote
 from ..errors import VastMCPError
 from ..results import (
     CreateResult,
@@ -20,11 +23,10 @@ from ..results import (
     OffersResult,
     ReadyResult,
 )
-from ..service import ApprovedBy, CreateRequest, quote_view
+from ..service import CreateRequest, quote_view
 from ..vast.query import OfferFilters
 from .common import (
     MAX_CALL_S,
-    Approval,
     AppState,
     Countries,
     DiskGb,
@@ -43,7 +45,6 @@ from .common import (
     service_of,
     tool,
     tool_result,
-    users_answer,
 )
 
 
@@ -69,7 +70,16 @@ def _request(
     )
 
 
-async def _ask_user(
+@dataclass(frozen=True)
+class _Pricing:
+    """create_instance's request and its quote, priced once per call for both the question and the tool body."""
+
+    request: CreateRequest | None = None
+    quote: Quote | None = None
+    error: str | None = None
+
+
+async def _price(
     offer_id: int,
     disk_gb: float,
     max_runtime_hours: float,
@@ -79,22 +89,59 @@ async def _ask_user(
     env: dict[str, str] | None,
     quote_id: str | None,
     ctx: Context[AppState, Any],
-) -> Elicit[Approval] | None:
-    """Ask the user to approve the quote, when the client can show a form and no other approval applies.
+) -> _Pricing:
+    """Never raises: a problem is carried to the tool body, which reports it as a `ToolError`."""
+    try:
+        with agent_errors():
+            request = _request(offer_id, disk_gb, max_runtime_hours, image, template_hash, onstart, env)
+            if quote_id is not None:
+                return _Pricing(request=request)  # the honour system: the quote shown earlier is redeemed
+            return _Pricing(request=request, quote=await (await service_of(ctx)).quote(request))
+    except ToolError as exc:
+        return _Pricing(error=str(exc))
 
-    Never raises: when anything is off, nothing is asked and the tool body reports the problem properly.
-    Asking again for the same request shows the same quote (the quote book hands back the open one).
-    """
-    if quote_id is not None or not can_elicit(ctx):
+
+async def _ask_rent(pricing: Annotated[_Pricing, Resolve(_price)], ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
+    """Put the price to the user when the client can show a form and no configured pre-approval covers it."""
+    quote = pricing.quote
+    if quote is None or not (await service_of(ctx)).approvals.should_ask(quote, can_ask=can_elicit(ctx)):
+        return None
+    return Elicit(quote.describe() + " Approve this rental?", YesNo)
+
+
+async def _ask_keep(instance_id: int, keep: bool, ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
+    if not keep or not can_elicit(ctx):
+        return None
+    row = await (await service_of(ctx)).own(instance_id)
+    if row is None or not row.is_live:
+        return None
+    return Elicit(
+        f"Keep instance {instance_id} ({row.gpu}) after this session ends? It keeps billing ${row.dph:.3f}/hr "
+        f"(${row.dph * 24:.2f} a day) with no end date until someone destroys it: this server stops watching it, "
+        "its max runtime no longer applies, and its self-destruct watchdog is disarmed.",
+        YesNo,
+    )
+
+
+async def _ask_destroy(instance_id: int, ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
+    if not can_elicit(ctx):
+        return None
+    service = await service_of(ctx)
+    if await service.own(instance_id) is not None:
         return None
     try:
-        service = service_of(ctx)
-        quote = await service.quote(_request(offer_id, disk_gb, max_runtime_hours, image, template_hash, onstart, env))
-    except (VastMCPError, ToolError, ValueError):
+        inst = await service.client.show_instance(instance_id)
+    except VastMCPError:
         return None
-    if not service.needs_approval(quote):
+    if inst is None:
         return None
-    return Elicit(quote.describe() + " Approve this rental?", Approval)
+    what = f"{inst.num_gpus}× {inst.gpu_name}" if inst.gpu_name else "an instance"
+    label = f", labelled {inst.label!r}" if inst.label else ""
+    return Elicit(
+        f"Destroy instance {instance_id} ({what}, {inst.actual_status or 'status unknown'}{label})? This session did "
+        "not create it. Destroying deletes its disk and everything on it; its billing stops.",
+        YesNo,
+    )
 
 
 def register(mcp: MCPServer) -> None:
@@ -130,18 +177,19 @@ def register(mcp: MCPServer) -> None:
                 min_reliability=min_reliability,
                 countries=countries,
             )
-            service = service_of(ctx)
+            service = await service_of(ctx)
             result = await service.search(query=query, filters=filters, disk_gb=disk_gb, order=order, limit=limit)
         return tool_result(result, result.summary())
 
     @tool(mcp, "Rent a GPU instance", read_only=False, destructive=False, idempotent=False, open_world=True)
     async def create_instance(
         ctx: Context[AppState, Any],
-        approval: Annotated[ElicitationResult[Approval], Resolve(_ask_user)],
+        pricing: Annotated[_Pricing, Resolve(_price)],
+        approval: Annotated[ElicitationResult[YesNo], Resolve(_ask_rent)],
         offer_id: Annotated[int, Field(ge=1, description="offer_id from search_offers.")],
         max_runtime_hours: Annotated[
             float,
-            Field(gt=0, le=720, description="Longest the job may run; the projected cost the user approves uses it."),
+            Field(gt=0, le=720, description="The instance is destroyed after this long; the user approves its cost."),
         ],
         image: Annotated[
             str | None, Field(max_length=300, description="Docker image, e.g. 'pytorch/pytorch:latest'.")
@@ -156,36 +204,36 @@ def register(mcp: MCPServer) -> None:
     ) -> Annotated[CallToolResult, CreateResult]:
         """Rent a GPU instance from an offer. COSTS MONEY from creation until destroy (about $/hour × hours).
 
-        The user must approve the price: the client shows them a quote (GPU, $/hour with disk, projected cost for
-        max_runtime_hours, reliability, location) when it can; otherwise this returns status 'approval_required'
-        with a quote_id, and you must show the quote to the user and call again with quote_id only if they agree.
-        Server-side caps on $/hour, session spend and instance count always apply. The instance is destroyed when
-        this session ends unless keep_instance was used. Next step: wait_ready.
+        The user approves the price in a form the client shows them (GPU, $/hour with disk, max runtime and total,
+        image, onstart, env, transfer prices); only their yes rents. Clients without forms can rent only within
+        the user's configured pre-approval. The instance is destroyed at max_runtime_hours, and when this session
+        ends unless the user agreed to keep it. Server caps on $/hour, session spend and instance count apply.
+        Next step: wait_ready.
         """
         with agent_errors():
-            service = service_of(ctx)
-            request = _request(offer_id, disk_gb, max_runtime_hours, image, template_hash, onstart, env)
-            approved_by: ApprovedBy
+            if pricing.error is not None:
+                raise ToolError(pricing.error)
+            assert pricing.request is not None
+            service = await service_of(ctx)
+            can_ask = can_elicit(ctx)
             if quote_id is not None:
-                quote = service.quotes.redeem(
-                    quote_id, offer_id, request.params(), disk_gb=disk_gb, max_runtime_h=max_runtime_hours
-                )
-                approved_by = "quote_id"
+                grant = service.approvals.redeem(quote_id, digest=pricing.request.digest(), can_ask=can_ask)
             else:
-                quote = await service.quote(request)
-                if not service.needs_approval(quote):
-                    approved_by = "auto_approve"
-                else:
-                    answer = users_answer(ctx, approval)
-                    if answer != "user":
-                        result = CreateResult(status=answer, quote=quote_view(quote))
-                        return tool_result(result, result.summary())
-                    approved_by = "user"
-                service.quotes.redeem(
-                    quote.quote_id, offer_id, request.params(), disk_gb=disk_gb, max_runtime_h=max_runtime_hours
+                assert pricing.quote is not None
+                decision = service.approvals.rent(
+                    pricing.quote, read_answer(approval), can_ask=can_ask, digest=pricing.request.digest()
                 )
+                if isinstance(decision, Refusal):
+                    declined = CreateResult(
+                        status="declined", quote=quote_view(pricing.quote), message=decision.message
+                    )
+                    return tool_result(declined, declined.summary())
+                if isinstance(decision, Pending):
+                    pending = CreateResult(status="approval_required", quote=quote_view(decision.quote, with_id=True))
+                    return tool_result(pending, pending.summary())
+                grant = decision
             with anyio.fail_after(MAX_CALL_S):
-                result = await service.create(request, quote, approved_by, progress_of(ctx))
+                result = await service.create(pricing.request, grant, progress_of(ctx))
         return tool_result(result, result.summary())
 
     @tool(mcp, "Wait until the instance is usable", read_only=True, destructive=False, idempotent=True, open_world=True)
@@ -201,43 +249,54 @@ def register(mcp: MCPServer) -> None:
         cannot recover (exited/offline): destroy it and pick another offer.
         """
         with agent_errors():
-            result = await service_of(ctx).wait_ready(instance_id, timeout_s, progress_of(ctx))
+            result = await (await service_of(ctx)).wait_ready(instance_id, timeout_s, progress_of(ctx))
         return tool_result(result, result.summary())
 
     @tool(mcp, "Destroy an instance", read_only=False, destructive=True, idempotent=True, open_world=True)
     async def destroy(
         ctx: Context[AppState, Any],
+        answer: Annotated[ElicitationResult[YesNo], Resolve(_ask_destroy)],
         instance_id: InstanceId,
-        confirm_not_mine: Annotated[
-            bool,
-            Field(description="Needed only for an instance this session did not create, after the user agreed."),
-        ] = False,
     ) -> Annotated[CallToolResult, DestroyResult]:
         """Destroy an instance: billing stops and its disk is deleted (download results first).
 
-        Waits until Vast confirms it is gone. Safe to repeat. Instances of other sessions or created outside this
-        server need confirm_not_mine=true, which you may pass only after the user explicitly agreed.
+        Waits until Vast confirms it is gone. Safe to repeat. An instance this session did not create is destroyed
+        only if the user says yes in a form the client shows them.
         """
         with agent_errors():
-            result = await service_of(ctx).destroy(instance_id, foreign_ok=confirm_not_mine)
+            service = await service_of(ctx)
+            if await service.own(instance_id) is None:
+                if await service.client.show_instance(instance_id) is None:
+                    raise ToolError(
+                        f"Instance {instance_id} does not exist on this account, so there is nothing to destroy. "
+                        "Call list_instances for this session's instances."
+                    )
+                service.approvals.destroy_foreign(instance_id, read_answer(answer), can_ask=can_elicit(ctx))
+            result = await service.destroy(instance_id, foreign_ok=True)
         return tool_result(result, result.summary())
 
     @tool(mcp, "List this session's instances", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def list_instances(ctx: Context[AppState, Any]) -> Annotated[CallToolResult, InstancesResult]:
-        """The instances this session created: status, $/hour, uptime and accrued cost, plus the session total."""
+        """The instances this session created: status, $/hour, uptime, accrued cost and when each ends, plus the
+        session's spend against its cap."""
         with agent_errors():
-            result = await service_of(ctx).list_session()
+            result = await (await service_of(ctx)).list_session()
         return tool_result(result, result.summary())
 
     @tool(mcp, "Keep an instance", read_only=False, destructive=False, idempotent=True, open_world=True)
     async def keep_instance(
         ctx: Context[AppState, Any],
+        answer: Annotated[ElicitationResult[YesNo], Resolve(_ask_keep)],
         instance_id: InstanceId,
         keep: Annotated[bool, Field(description="True: survive the session's end. False: destroyed at the end.")],
     ) -> Annotated[CallToolResult, InstancesResult]:
-        """Mark an instance to survive the end of this session (it keeps billing!). Only when the user asks."""
+        """Keep an instance after this session ends (it keeps billing with no end date), or undo that. Keeping
+        needs the user's yes in a form the client shows them; only when the user asks for it."""
         with agent_errors():
-            service = service_of(ctx)
+            service = await service_of(ctx)
+            if keep:
+                await service.require_own(instance_id)
+                service.approvals.keep(instance_id, read_answer(answer), can_ask=can_elicit(ctx))
             await service.keep(instance_id, keep)
             result = await service.list_session()
         what = "kept after the session ends (it keeps billing)" if keep else "destroyed when the session ends"
