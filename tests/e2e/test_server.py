@@ -291,7 +291,9 @@ async def test_foreign_instances_need_the_users_say_so(settings: Settings, cloud
 
 async def _destroyed(cloud: SimServer, iid: int, within: float) -> None:
     with anyio.fail_after(within):
-        while not {r["id"]: r for r in sim_instances(cloud)}[iid]["destroyed"]:
+        while True:
+            if {r["id"]: r for r in sim_instances(cloud)}[iid]["destroyed"]:
+                return
             await anyio.sleep(0.3)
 
 
