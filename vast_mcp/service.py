@@ -55,13 +55,12 @@ from .results import (
 )
 from .vast.client import VastClient
 from .vast.create import build_create_body
-from .vast.models import Instance, Offer
+from .vast.models import DEAD_STATUSES, Instance, Offer
 from .vast.query import OfferFilters, build_offer_query
 
 log = logging.getLogger("vast_mcp.service")
 
 Progress = Callable[[float, float | None, str], Awaitable[None]]
-FAILED_STATUSES = frozenset({"exited", "offline", "unknown"})
 API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
 HEARTBEAT_S = 60.0
 SWEEP_S = 60.0  # how often a running server looks for sessions that died since it started
@@ -496,7 +495,7 @@ class Service:
                                 f"Instance {instance_id} no longer exists on Vast. Search for a new offer."
                             )
                         latest.append(inst)
-                        if inst.actual_status in FAILED_STATUSES:
+                        if inst.actual_status in DEAD_STATUSES:
                             failed = ReadyResult(
                                 instance_id=instance_id,
                                 ready=False,
@@ -551,7 +550,7 @@ class Service:
         inst = await self.client.show_instance(instance_id)
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
-        if inst.actual_status in FAILED_STATUSES or inst.actual_status == "stopped":
+        if inst.is_dead:
             raise SSHUnavailableError(
                 f"Instance {instance_id} is {inst.actual_status} ({inst.status_msg or 'no message'}); its files "
                 "cannot be reached. Destroy it, or start it again if it was stopped."

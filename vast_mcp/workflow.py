@@ -704,7 +704,7 @@ class RunBook:
             return None
         if inst is None:
             return "it no longer exists on Vast"
-        if inst.actual_status in ("exited", "offline", "stopped"):
+        if inst.is_dead:
             return f"{inst.actual_status}: {inst.status_msg or 'no message'}"
         return None
 

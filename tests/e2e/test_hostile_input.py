@@ -120,14 +120,12 @@ async def test_unknown_and_foreign_instances_are_refused_and_left_alone(rig: Rig
         for tool in INSTANCE_TOOLS:
             text = await rig.bad(tool, args_for(tool, iid))
             if tool == "destroy":
-                assert "confirm_not_mine" in text
+                assert ("only the user can allow that" if iid == foreign else "does not exist") in text, text
             else:
                 assert "list_instances" in text or "not a live instance" in text, text
     assert sorted((r["id"], r["destroyed"]) for r in await run.instances()) == before
     assert await run.ledger_rows() == ledger_before
-    done = await rig.ok("destroy", {"instance_id": foreign, "confirm_not_mine": True})
-    assert done["confirmed"]
-    assert [r["id"] for r in await run.alive()] == [rig.iid], "only the confirmed foreign instance went"
+    assert sorted(r["id"] for r in await run.alive()) == sorted([rig.iid, foreign]), "the agent alone destroys nothing"
 
 
 async def test_absurd_numbers_and_malformed_queries(rig: Rig) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 
 import anyio
 import pytest
-from e2e_helpers import alive, answering, call, sim_instances, text
+from e2e_helpers import alive, answering, call, make_settings, sim_instances, text
 from mcp import Client
 
 from vast_mcp.config import Settings
+from vast_mcp.consent import Caps
 from vast_mcp.server import build_server
 from vast_mcp.sim.server import SimServer
 
@@ -214,10 +215,19 @@ async def test_user_declines(
     assert sim_instances(cloud_server) == []
 
 
-@pytest.mark.parametrize("mode", ERAS)
-async def test_quote_id_without_elicitation(
-    mode: str, settings: Settings, cloud_server: SimServer, tmp_path: Path
+async def test_without_elicitation_a_run_is_refused(
+    settings: Settings, cloud_server: SimServer, tmp_path: Path
 ) -> None:
+    project, _ = make_project(tmp_path)
+    async with Client(build_server(settings), mode="legacy") as client:
+        refused = await client.call_tool("run_job", run_args(project))
+    assert refused.is_error and "VAST_MCP_TRUST_AGENT_APPROVAL" in text(refused) and "q-" not in text(refused)
+    assert sim_instances(cloud_server) == []
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_honour_system_quote_id(mode: str, cloud_server: SimServer, tmp_path: Path) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", Caps(trust_agent=True))
     project, blob = make_project(tmp_path)
     async with Client(build_server(settings), mode=mode) as client:
         pending = await call(client, "run_job", run_args(project))
@@ -228,11 +238,11 @@ async def test_quote_id_without_elicitation(
         quote_id = approval["quote"]["quote_id"]
 
         other = await client.call_tool("run_job", run_args(project, command="rm -rf /", quote_id=quote_id))
-        assert other.is_error and "different run" in text(other)
+        assert other.is_error and "different request" in text(other)
         assert sim_instances(cloud_server) == []
 
         started = await call(client, "run_job", run_args(project, quote_id=quote_id))
-        assert started["status"] == "running" and started["approval"]["approved_by"] == "quote_id"
+        assert started["status"] == "running" and started["approval"]["approved_by"] == "agent"
         again = await client.call_tool("run_job", run_args(project, quote_id=quote_id))
         assert again.is_error and "already paid" in text(again)
         final, _ = await follow(client, started["run_id"])

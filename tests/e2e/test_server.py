@@ -3,10 +3,12 @@ real SSH hosts: the granular workflow, consent to cost in every form, the caps, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from e2e_helpers import alive, answering, call, make_settings, sim_instances, text
 from mcp import Client
@@ -326,3 +328,84 @@ async def test_session_cap_ends_kept_instances(cloud_server: SimServer, tmp_path
     notes = " ".join(listed["notices"])
     assert "VAST_MCP_MAX_SESSION_USD" in notes and f"Instance {iid} was destroyed" in notes
     assert not alive(cloud_server)
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_create_instance_searches_once(mode: str, settings: Settings, cloud_server: SimServer) -> None:
+    """Vast allows about ten searches a minute: pricing the question and renting share one."""
+    async with (
+        Client(build_server(settings), mode=mode, elicitation_callback=answering("accept")) as client,
+        httpx2.AsyncClient(base_url=cloud_server.url) as http,
+    ):
+        offer_id = await cheapest_offer(client)
+        since = max((r["seq"] for r in (await http.get("/_sim/requests")).json()["requests"]), default=0)
+        created = await call(client, "create_instance", create_args(offer_id))
+        assert created["status"] == "created"
+        log = (await http.get("/_sim/requests", params={"since": since})).json()["requests"]
+    assert len([r for r in log if "bundles" in r["route"]]) == 1, [r["route"] for r in log]
+
+
+async def test_bad_arguments_are_tool_errors(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        for tool, args in [
+            ("search_offers", {"query": "gpu_ram => 24"}),
+            ("search_offers", {"limit": 0}),
+            ("create_instance", {"offer_id": 1, "max_runtime_hours": 1}),
+            ("create_instance", {"offer_id": 1, "max_runtime_hours": -1, "image": "x"}),
+            ("wait_ready", {"instance_id": 123}),
+            ("tail_log", {"instance_id": 123, "job_id": "x"}),
+        ]:
+            result = await client.call_tool(tool, args)
+            assert result.is_error, (tool, args)
+            assert "Traceback" not in text(result)
+            assert text(result) != f"Error executing tool {tool}", f"{tool} hid its reason"
+
+
+async def test_tools_list_snapshot(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        tools = (await client.list_tools()).tools
+        prompts = (await client.list_prompts()).prompts
+    current = {
+        "tools": {
+            t.name: {
+                "title": t.title,
+                "description": t.description,
+                "annotations": t.annotations.model_dump(exclude_none=True) if t.annotations else None,
+                "input": t.input_schema,
+                "output_keys": sorted((t.output_schema or {}).get("properties", {})),
+            }
+            for t in tools
+        },
+        "prompts": {p.name: [a.name for a in p.arguments or []] for p in prompts},
+    }
+    for tool in tools:
+        annotations = tool.annotations
+        assert annotations is not None and annotations.title, tool.name
+        hints = (annotations.read_only_hint, annotations.destructive_hint, annotations.idempotent_hint)
+        assert None not in hints and annotations.open_world_hint is not None, tool.name
+        assert tool.description and len(tool.description) > 80, tool.name
+        assert "\n    " not in tool.description, f"{tool.name}: description keeps the docstring's indentation"
+    if not SNAPSHOT.exists():
+        SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text()), "tool schemas changed: delete the snapshot to accept them"
+
+
+async def test_run_job_prompt(settings: Settings) -> None:
+    async with Client(build_server(settings), mode="legacy") as client:
+        prompt = await client.get_prompt("run-job", {"job": "train tiny.py on one RTX 4090, fetch out/"})
+    body = prompt.messages[0].content.text  # type: ignore[union-attr]
+    assert "train tiny.py on one RTX 4090" in body
+    for tool in ("search_offers", "create_instance", "wait_ready", "exec_background", "tail_log", "destroy"):
+        assert tool in body
+
+
+async def test_price_above_the_quote_destroys_the_instance(settings: Settings, cloud_server: SimServer) -> None:
+    async with httpx2.AsyncClient() as http:
+        armed = await http.post(f"{cloud_server.url}/_sim/faults/next_instance", json={"price_multiplier": 1.5})
+        armed.raise_for_status()
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        refused = await client.call_tool("create_instance", create_args(await cheapest_offer(client)))
+        assert refused.is_error and "destroyed at once" in text(refused)
+        listed = await call(client, "list_instances", {})
+    assert [r["status"] for r in listed["instances"]] == ["destroyed"]
+    assert sim_instances(cloud_server) and not alive(cloud_server)

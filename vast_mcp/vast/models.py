@@ -55,6 +55,10 @@ class PortBinding(VastModel):
     HostPort: str
 
 
+DEAD_STATUSES = frozenset({"exited", "offline", "unknown"})
+"""`actual_status` values of an instance that will not come back by itself: destroy it, or start it again."""
+
+
 class Instance(VastModel):
     """One instance row, as `show instance` (v0) and the v1 list return it."""
 
@@ -80,6 +84,11 @@ class Instance(VastModel):
     extra_env: list[list[str]] = Field(default_factory=list)
     geolocation: str | None = None
     reliability2: float | None = None
+
+    @property
+    def is_dead(self) -> bool:
+        """It cannot run anything now (failed, or stopped): the one test every caller uses."""
+        return self.actual_status in DEAD_STATUSES or self.actual_status == "stopped"
 
     def direct_ssh(self) -> tuple[str, int] | None:
         """`(host, port)` of the direct SSH path, when the instance has one."""
