@@ -164,8 +164,16 @@ class RunPlan:
             if self.spec.keep_on_failure
             else ""
         )
+        spec = self.spec
+        command = spec.command if len(spec.command) <= 200 else spec.command[:200] + "…"
+        job = f" The job runs `{command}`"
+        if spec.setup:
+            job += f" after {len(spec.setup)} setup command(s)"
+        if spec.env or spec.secrets:
+            job += f", with environment variables {', '.join(sorted({*spec.env, *spec.secrets}))}"
+        job += "."
         return (
-            f"Run a job: {q.describe()}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
+            f"Run a job: {q.describe()}{job}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
             f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
             f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
             f"{kept}"
