@@ -84,6 +84,7 @@ class Grant:
     ceiling_dph: float
     ceiling_why: str
     _key: object
+    session_cap: float | None = None  # the session spend cap the user agreed to raise to, if any
 
     def covers(self, quote: Quote) -> bool:
         return quote.dph <= self.ceiling_dph + PRICE_EPSILON
@@ -134,9 +135,9 @@ class Approvals:
         limit = self.caps.auto_approve_dph
         return limit is not None and not keeps and quote.dph <= limit + PRICE_EPSILON
 
-    def should_ask(self, quote: Quote, *, can_ask: bool, keeps: bool = False) -> bool:
-        """Whether to put the price question to the user for this quote."""
-        return can_ask and not self.pre_approved(quote, keeps=keeps)
+    def should_ask(self, quote: Quote, *, can_ask: bool, keeps: bool = False, raises_cap: bool = False) -> bool:
+        """Whether to put the price question to the user for this quote (a cap is raised only on their yes)."""
+        return can_ask and (raises_cap or not self.pre_approved(quote, keeps=keeps))
 
     def rent(
         self,
@@ -148,9 +149,17 @@ class Approvals:
         ceiling_dph: float | None = None,
         ceiling_why: str = "the quoted price",
         keeps: bool = False,
+        raise_cap_to: float | None = None,
     ) -> Grant | Refusal | Pending:
-        """Decide a rental of `quote` (for the request whose digest is `digest`) after the question, if any."""
+        """Decide a rental of `quote` (for the request whose digest is `digest`) after the question, if any.
+        `raise_cap_to`: the session spend cap the rental needs; only the user's yes raises it."""
         ceiling = quote.dph if ceiling_dph is None else max(ceiling_dph, quote.dph)
+        if raise_cap_to is not None:
+            if can_ask and answer == "yes":
+                self.quotes.take(quote.quote_id)
+                return Grant(quote, "user", ceiling, ceiling_why, self._KEY, session_cap=raise_cap_to)
+            self.quotes.void(quote.quote_id)
+            return Refusal(answer, f"{_REFUSED[answer]}; the spending cap stays, nothing was rented or billed.")
         if self.pre_approved(quote, keeps=keeps):
             limit = self.caps.auto_approve_dph
             assert limit is not None

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import anyio
 
 from .approval import Approvals, Grant, request_digest
 from .config import Settings
-from .consent import Quote, QuoteBook, check_caps, params_digest, price_recheck
+from .consent import PRICE_EPSILON, Quote, QuoteBook, check_caps, params_digest, price_recheck
 from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
 from .errors import (
     ConsentError,
@@ -162,6 +162,7 @@ class Service:
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._create_lock = anyio.Lock()
         self._cap_warned = False
+        self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
         self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
         self.run_instances: Callable[[], set[int]] = set  # instances in use by runs (set by the session's RunBook)
 
@@ -239,7 +240,7 @@ class Service:
         now = time.time()
         rows = [r for r in await self.ledger.session_instances(self.session_id) if r.instance_id is not None]
         spend = await self.ledger.spend(self.session_id)
-        cap = self.settings.caps.max_session_usd
+        cap = self.session_cap
         over_cap = cap is not None and spend.accrued >= cap
         if cap is not None and not over_cap and spend.accrued >= CAP_WARN_AT * cap and not self._cap_warned:
             self._cap_warned = True
@@ -314,8 +315,9 @@ class Service:
             f"Offer {offer_id} is not available any more. Search offers again and pick another."
         )
 
-    async def quote(self, request: CreateRequest) -> Quote:
-        """Price `request` (disk included), and check it against the caps before anyone is asked.
+    async def quote(self, request: CreateRequest, *, allow_cap_raise: bool = False) -> Quote:
+        """Price `request` (disk included), and check it against the caps before anyone is asked; with
+        `allow_cap_raise`, all but the session's spend cap, which the user may raise (see `cap_needed`).
 
         A quote issued for the same request moments ago is reused without searching again: the question and the
         tool body, and each round of a multi-round call, price once (Vast allows about ten searches a minute).
@@ -329,13 +331,29 @@ class Service:
             quote = self.quotes.issue(
                 offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=params
             )
-        await self._check_caps(quote)
+        await self._check_caps(quote, session_cap=None if allow_cap_raise else self.session_cap)
         return quote
 
-    async def _check_caps(self, quote: Quote) -> None:
+    async def cap_needed(self, quote: Quote) -> float | None:
+        """The session spend cap renting `quote` needs, when that is above the session's current cap."""
+        if self.session_cap is None:
+            return None
+        total = (await self.ledger.spend(self.session_id)).committed + quote.projected_usd
+        return round(total + 0.005, 2) if total > self.session_cap + PRICE_EPSILON else None
+
+    def cap_raise_words(self, raise_to: float | None) -> str:
+        """The part of a question that asks the user to raise the session's spend cap."""
+        if raise_to is None or self.session_cap is None:
+            return ""
+        return (
+            f" This needs this session's spending cap (VAST_MCP_MAX_SESSION_USD) raised from ${self.session_cap:.2f} "
+            f"to ${raise_to:.2f}; approving raises it for this session only."
+        )
+
+    async def _check_caps(self, quote: Quote, *, session_cap: float | None) -> None:
         spend = await self.ledger.spend(self.session_id)
         live = await self.ledger.live_count(self.session_id)
-        check_caps(quote, self.settings.caps, spend.committed, live)
+        check_caps(quote, replace(self.settings.caps, max_session_usd=session_cap), spend.committed, live)
 
     # --- create -----------------------------------------------------------------------------------------------
 
@@ -353,12 +371,14 @@ class Service:
         """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
         after."""
         quote = grant.quote
+        if grant.session_cap is not None and self.session_cap is not None:
+            self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
         if (request.offer_id, params_digest(request.params())) != (quote.offer_id, quote.params_digest):
             raise QuoteMismatchError(
                 f"The approval covers offer {quote.offer_id} as quoted, not this request. Ask for a new approval."
             )
         async with self._create_lock:  # caps are checked and the intent written as one step per session
-            await self._check_caps(quote)
+            await self._check_caps(quote, session_cap=self.session_cap)
             await self.ensure_key_registered()
             row = await self.ledger.record_intent(
                 self.session_id,
@@ -766,7 +786,7 @@ class Service:
             instances=out,
             session_accrued_usd=round(spend.accrued, 4),
             session_committed_usd=round(spend.committed, 4),
-            session_cap_usd=self.settings.caps.max_session_usd,
+            session_cap_usd=self.session_cap,
             notices=list(self.notices),
         )
 

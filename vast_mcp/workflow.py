@@ -146,8 +146,9 @@ class RunPlan:
     quote: Quote
     ceiling_dph: float
     ceiling_why: str
+    raise_cap_to: float | None = None  # the session spend cap this run needs, asked of the user
 
-    def question(self) -> str:
+    def question(self, cap_words: str = "") -> str:
         """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
         q = self.quote
         tries = self.spec.max_tries
@@ -176,7 +177,7 @@ class RunPlan:
             f"Run a job: {q.describe()}{job}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
             f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
             f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
-            f"{kept}"
+            f"{kept}{cap_words}"
         )
 
     def view(self, approved_by: ApprovedBy | None, *, with_id: bool = False) -> RunApprovalView:
@@ -190,8 +191,9 @@ class RunPlan:
         )
 
 
-async def plan_run(service: Service, spec: RunSpec) -> RunPlan:
-    """Check the local paths, find the cheapest matching offers and quote the best one (caps checked)."""
+async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = False) -> RunPlan:
+    """Check the local paths, find the cheapest matching offers and quote the best one (caps checked; the
+    session's spend cap may be one the user is asked to raise, with `allow_cap_raise`)."""
     for path in spec.uploads:
         service.local_path(path, must_exist=True)
     if spec.results_dir is not None:
@@ -205,13 +207,14 @@ async def plan_run(service: Service, spec: RunSpec) -> RunPlan:
             f"No offer matches these GPU requirements{budget} with {spec.disk_gb:g} GB of disk. Loosen the "
             "requirements (GPU model, VRAM, reliability, countries) or raise max_dph, then call run_job again."
         )
-    quote = await service.quote(spec.request(found.offers[0].offer_id))
+    quote = await service.quote(spec.request(found.offers[0].offer_id), allow_cap_raise=allow_cap_raise)
+    raise_to = await service.cap_needed(quote) if allow_cap_raise else None
     if spec.budget_dph is not None:
         ceiling, why = spec.budget_dph, "the budget given for this run"
     else:
         ceiling = max(o.dph for o in found.offers)
         why = "the dearest of the cheapest matching offers; give a budget to allow more"
-    return RunPlan(spec=spec, quote=quote, ceiling_dph=max(ceiling, quote.dph), ceiling_why=why)
+    return RunPlan(spec, quote, max(ceiling, quote.dph), why, raise_to)
 
 
 # --- the run ------------------------------------------------------------------------------------------------

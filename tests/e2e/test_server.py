@@ -191,7 +191,6 @@ async def test_quote_expires(cloud_server: SimServer, tmp_path: Path) -> None:
     ("caps", "needle"),
     [
         (Caps(max_dph=0.01), "VAST_MCP_MAX_DPH"),
-        (Caps(max_session_usd=0.01), "VAST_MCP_MAX_SESSION_USD"),
         (Caps(max_instances=0), "VAST_MCP_MAX_INSTANCES"),
     ],
 )
@@ -204,6 +203,23 @@ async def test_caps_hold_whatever_the_user_says(
         refused = await client.call_tool("create_instance", create_args(offer_id))
     assert refused.is_error and needle in text(refused)
     assert sim_instances(cloud_server) == []
+
+
+@pytest.mark.parametrize("answer", ["accept", "decline", "none"])
+async def test_only_the_user_raises_the_session_cap(answer: str, cloud_server: SimServer, tmp_path: Path) -> None:
+    settings = make_settings(cloud_server, tmp_path / "state", Caps(max_session_usd=0.01, auto_approve_dph=100))
+    seen: list[str] = []
+    elicitor = None if answer == "none" else answering(answer, seen=seen)
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=elicitor) as client:
+        result = await client.call_tool("create_instance", create_args(await cheapest_offer(client)))
+        listed = await call(client, "list_instances", {})
+    if answer == "accept":
+        assert not result.is_error and (result.structured_content or {})["status"] == "created"
+        assert "raised from $0.01 to $" in seen[0]
+        assert listed["session_cap_usd"] > 0.01 and len(sim_instances(cloud_server)) == 1
+    else:
+        assert listed["session_cap_usd"] == 0.01 and sim_instances(cloud_server) == []
+        assert "VAST_MCP_MAX_SESSION_USD" in text(result) if answer == "none" else "cap stays" in text(result)
 
 
 async def test_instance_cap_counts_live_instances(cloud_server: SimServer, tmp_path: Path) -> None:

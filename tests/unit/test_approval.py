@@ -148,3 +148,16 @@ def test_keep_and_foreign_destroy_need_the_users_yes(answer: Any) -> None:
         approvals.keep(5, "yes", can_ask=False)
     with pytest.raises(ConsentError, match="cannot show them a question"):
         approvals.destroy_foreign(5, "yes", can_ask=False)
+
+
+def test_only_the_users_yes_raises_the_session_cap() -> None:
+    approvals, book = _approvals(auto_approve_dph=100)
+    quote = _quote(book)
+    assert approvals.should_ask(quote, can_ask=True, raises_cap=True), "a pre-approval never raises a cap"
+    grant = approvals.rent(quote, "yes", can_ask=True, digest="d", raise_cap_to=12.5)
+    assert isinstance(grant, Grant) and grant.session_cap == 12.5 and grant.approved_by == "user"
+    other = _quote(book, offer_id=8)
+    refusal = approvals.rent(other, "no", can_ask=True, digest="d", raise_cap_to=12.5)
+    assert isinstance(refusal, Refusal) and "cap stays" in refusal.message
+    with pytest.raises(QuoteVoidedError):
+        book.take(other.quote_id)

@@ -77,6 +77,7 @@ class _Pricing:
     request: CreateRequest | None = None
     quote: Quote | None = None
     error: str | None = None
+    raise_cap_to: float | None = None  # the session spend cap this rental needs, asked of the user
 
 
 async def _price(
@@ -96,7 +97,10 @@ async def _price(
             request = _request(offer_id, disk_gb, max_runtime_hours, image, template_hash, onstart, env)
             if quote_id is not None:
                 return _Pricing(request=request)  # the honour system: the quote shown earlier is redeemed
-            return _Pricing(request=request, quote=await (await service_of(ctx)).quote(request))
+            service = await service_of(ctx)
+            can_ask = can_elicit(ctx)
+            quote = await service.quote(request, allow_cap_raise=can_ask)
+            return _Pricing(request, quote, raise_cap_to=await service.cap_needed(quote) if can_ask else None)
     except ToolError as exc:
         return _Pricing(error=str(exc))
 
@@ -104,9 +108,12 @@ async def _price(
 async def _ask_rent(pricing: Annotated[_Pricing, Resolve(_price)], ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
     """Put the price to the user when the client can show a form and no configured pre-approval covers it."""
     quote = pricing.quote
-    if quote is None or not (await service_of(ctx)).approvals.should_ask(quote, can_ask=can_elicit(ctx)):
+    if quote is None:
         return None
-    return Elicit(quote.describe() + " Approve this rental?", YesNo)
+    service = await service_of(ctx)
+    if not service.approvals.should_ask(quote, can_ask=can_elicit(ctx), raises_cap=pricing.raise_cap_to is not None):
+        return None
+    return Elicit(quote.describe() + service.cap_raise_words(pricing.raise_cap_to) + " Approve this rental?", YesNo)
 
 
 async def _ask_keep(instance_id: int, keep: bool, ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
@@ -221,7 +228,11 @@ def register(mcp: MCPServer) -> None:
             else:
                 assert pricing.quote is not None
                 decision = service.approvals.rent(
-                    pricing.quote, read_answer(approval), can_ask=can_ask, digest=pricing.request.digest()
+                    pricing.quote,
+                    read_answer(approval),
+                    can_ask=can_ask,
+                    digest=pricing.request.digest(),
+                    raise_cap_to=pricing.raise_cap_to,
                 )
                 if isinstance(decision, Refusal):
                     declined = CreateResult(

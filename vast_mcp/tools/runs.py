@@ -120,7 +120,8 @@ async def _plan_run_job(
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
-            return _RunPlanning(spec=spec, plan=await plan_run(await service_of(ctx), spec))
+            plan = await plan_run(await service_of(ctx), spec, allow_cap_raise=can_elicit(ctx))
+            return _RunPlanning(spec=spec, plan=plan)
     except ToolError as exc:
         return _RunPlanning(error=str(exc))
 
@@ -133,10 +134,13 @@ async def _ask_run_approval(
     plan = planning.plan
     if plan is None:
         return None
-    approvals = (await service_of(ctx)).approvals
-    if not approvals.should_ask(plan.quote, can_ask=can_elicit(ctx), keeps=plan.spec.keep_on_failure):
+    service = await service_of(ctx)
+    raises_cap = plan.raise_cap_to is not None
+    if not service.approvals.should_ask(
+        plan.quote, can_ask=can_elicit(ctx), keeps=plan.spec.keep_on_failure, raises_cap=raises_cap
+    ):
         return None
-    return Elicit(plan.question() + " Approve this run?", YesNo)
+    return Elicit(plan.question(service.cap_raise_words(plan.raise_cap_to)) + " Approve this run?", YesNo)
 
 
 def register(mcp: MCPServer) -> None:
@@ -242,6 +246,7 @@ def register(mcp: MCPServer) -> None:
                     ceiling_dph=plan.ceiling_dph,
                     ceiling_why=plan.ceiling_why,
                     keeps=spec.keep_on_failure,
+                    raise_cap_to=plan.raise_cap_to,
                 )
                 if isinstance(decision, Refusal):
                     declined = RunView(status="declined", approval=plan.view(None), message=decision.message)
