@@ -1,10 +1,10 @@
 """Fixtures for driving the real server with MCP clients this project did not write (see foreign_clients.py).
 
 - `foreign_sim` (module scope): the simulated cloud over loopback HTTP, state-only hosts, shared by a module.
-- `client_kind`: "ts", "fastmcp" or "raw"; a test runs once per kind. Pick some with
-  `@pytest.mark.parametrize("client_kind", ["ts"])`, or on the command line with `-k ts`.
-- `server_spec_for(env=None)`: how to start the server against `foreign_sim`, with a fresh state dir each call.
-- `connect(kind=None, elicitation=("form",), env=None)`: an async context manager yielding a connected client.
+- `client_kind`: "typescript", "fastmcp" or "raw"; a test runs once per kind. Pick some with
+  `@pytest.mark.parametrize("client_kind", ["typescript"])`, or on the command line with `-k typescript`.
+- `server_spec_for(env=None, state_dir=None)`: how to start the server against `foreign_sim`.
+- `connect(kind=None, elicitation=("form",), env=None, spec=None)`: an async context manager, a connected client.
 - `foreign_client`: a connected client of `client_kind` declaring form elicitation, default server settings.
 """
 
@@ -70,36 +70,42 @@ def _ensure_ts_sdk() -> None:
 @pytest.fixture(params=CLIENT_KINDS)
 def client_kind(request: pytest.FixtureRequest) -> ClientKind:
     kind: ClientKind = request.param
+    if kind == "typescript":
+        _ensure_ts_sdk()  # before the test's event loop runs: the first install takes a while
     return kind
 
 
 @pytest.fixture
 def server_spec_for(foreign_sim: SimServer, tmp_path: Path) -> SpecFor:
-    """`server_spec_for(env=None)`: the server against `foreign_sim` with its own state dir; `env` adds VAST_MCP_*
-    settings (a value of "" removes a variable)."""
+    """`server_spec_for(env=None, state_dir=None)`: the server against `foreign_sim`, with a fresh state dir unless
+    one is given (two servers sharing one see each other's sessions in the ledger); `env` adds VAST_MCP_* settings
+    (a value of "" removes a variable). Each server's stderr goes to `tmp_path/server<n>.log`."""
     counter = itertools.count()
 
-    def make(env: dict[str, str] | None = None) -> ServerSpec:
+    def make(env: dict[str, str] | None = None, state_dir: Path | None = None) -> ServerSpec:
         n = next(counter)
-        return server_spec(foreign_sim, tmp_path / f"server{n}" / "state", env, log=tmp_path / f"server{n}.log")
+        state = state_dir or tmp_path / f"server{n}" / "state"
+        return server_spec(foreign_sim, state, env, log=tmp_path / f"server{n}.log")
 
     return make
 
 
 @pytest.fixture
 def connect(client_kind: ClientKind, server_spec_for: SpecFor) -> Connect:
-    """`async with connect(kind=None, elicitation=("form",), env=None) as client`: a connected client (of
-    `client_kind` unless `kind` is given) to a fresh server; `elicitation=None` declares none."""
+    """`async with connect(kind=None, elicitation=("form",), env=None, spec=None) as client`: a connected client (of
+    `client_kind` unless `kind` is given) to a fresh server (or the one `spec` describes); `elicitation=None`
+    declares none, ("form", "url") both."""
 
     def make(
         kind: ClientKind | None = None,
         elicitation: Sequence[ElicitMode] | None = ("form",),
         env: dict[str, str] | None = None,
+        spec: ServerSpec | None = None,
     ) -> AbstractAsyncContextManager[ForeignClient]:
         chosen = kind or client_kind
-        if chosen == "ts":
+        if chosen == "typescript":
             _ensure_ts_sdk()
-        return open_client(chosen, server_spec_for(env), elicitation=elicitation)
+        return open_client(chosen, spec or server_spec_for(env), elicitation=elicitation)
 
     return make
 

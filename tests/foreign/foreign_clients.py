@@ -24,7 +24,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, BinaryIO, Literal, Protocol, Self
 from urllib.request import urlopen
 
 import anyio
@@ -43,8 +43,8 @@ CALL_TIMEOUT_S = 150.0  # bound on one request; create_instance itself gives up 
 START_TIMEOUT_S = 60.0  # bound on starting the server and the handshake
 CLOSE_TIMEOUT_S = 30.0  # bound on the server's teardown after stdin closes, before it is killed
 
-ClientKind = Literal["ts", "fastmcp", "raw"]
-CLIENT_KINDS: tuple[ClientKind, ...] = ("ts", "fastmcp", "raw")
+ClientKind = Literal["typescript", "fastmcp", "raw"]
+CLIENT_KINDS: tuple[ClientKind, ...] = ("typescript", "fastmcp", "raw")
 ElicitMode = Literal["form", "url"]
 _UNSET: Any = object()
 
@@ -117,7 +117,9 @@ class ForeignClient(Protocol):
     async def set_elicit(self, action: str, content: Any = _UNSET) -> None: ...
     async def close(self) -> None: ...
     async def __aenter__(self) -> Self: ...
-    async def __aexit__(self, *exc: object) -> None: ...
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
 
 
 class _Lines:
@@ -136,6 +138,10 @@ class _Lines:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line
+
+
+def _open_log(path: Path | None) -> BinaryIO:
+    return open(path or os.devnull, "ab")  # the client's exit stack closes it
 
 
 async def _end_process(proc: anyio.abc.Process) -> None:
@@ -179,7 +185,7 @@ class _Base:
 class TsClient(_Base):
     """The TypeScript SDK's client in a Node process; `elicitation=None` declares no elicitation capability."""
 
-    kind: ClientKind = "ts"
+    kind: ClientKind = "typescript"
 
     def __init__(self, spec: ServerSpec, elicitation: Sequence[ElicitMode] | None = ("form",)) -> None:
         super().__init__()
@@ -202,7 +208,7 @@ class TsClient(_Base):
             "cwd": str(self.spec.cwd),
             "elicitation": self.elicitation,
         }
-        log = self._stack.enter_context(open(self.spec.log or os.devnull, "ab"))  # noqa: SIM115
+        log = self._stack.enter_context(await anyio.to_thread.run_sync(_open_log, self.spec.log))
         proc = await anyio.open_process([node, str(TS_SCRIPT), json.dumps(config)], stderr=log, env=full_env(self.spec))
         self._proc = proc
         self._stack.push_async_callback(self._shutdown)
@@ -302,7 +308,7 @@ class FastMCPClient(_Base):
             transport,
             elicitation_handler=on_elicit if self.elicitation else None,
             timeout=CALL_TIMEOUT_S,
-            mode=self.mode,  # type: ignore[arg-type]
+            mode=self.mode,
         )
         self._client = await self._stack.enter_async_context(client)
 
@@ -368,7 +374,7 @@ class RawClient(_Base):
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def _start(self) -> None:
-        log = self._stack.enter_context(open(self.spec.log or os.devnull, "ab"))  # noqa: SIM115
+        log = self._stack.enter_context(await anyio.to_thread.run_sync(_open_log, self.spec.log))
         proc = await anyio.open_process(
             [self.spec.command, *self.spec.args], stderr=log, env=full_env(self.spec), cwd=self.spec.cwd
         )
@@ -512,12 +518,12 @@ def make_client(
 ) -> ForeignClient:
     """A client of `kind`, not yet connected (use `async with`). `elicitation=None` declares no elicitation;
     ("form", "url") declares both where the client can (fastmcp's Client declares only form)."""
-    if kind == "ts":
+    if kind == "typescript":
         return TsClient(spec, elicitation)
     if kind == "fastmcp":
         return FastMCPClient(spec, elicitation is not None)
     if kind == "raw":
-        caps = {} if elicitation is None else {"elicitation": {mode: {} for mode in elicitation}}
+        caps: dict[str, Any] = {} if elicitation is None else {"elicitation": {mode: {} for mode in elicitation}}
         return RawClient(spec, capabilities=caps)
     raise ValueError(f"unknown client kind {kind!r}; one of {CLIENT_KINDS}")
 
