@@ -23,6 +23,7 @@ from foreign_clients import (
     TS_SDK_DIR,
     TS_SDK_PACKAGE,
     ClientKind,
+    Connect,
     ElicitMode,
     ForeignClient,
     ServerSpec,
@@ -36,7 +37,6 @@ from vast_mcp.sim.state import SimCloud
 
 SIM_BOOT_DELAY = 0.05
 
-Connect = Callable[..., AbstractAsyncContextManager[ForeignClient]]
 SpecFor = Callable[..., ServerSpec]
 
 

@@ -19,8 +19,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +92,16 @@ def full_env(spec: ServerSpec) -> dict[str, str]:
     """The server's environment on top of this process's PATH and locale (as hosts pass a sanitized env)."""
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
     return {**keep, **spec.env}
+
+
+# A rental small enough for any test: cheap image name, short runtime, little disk.
+SMALL_RENTAL: dict[str, Any] = {"image": "python:3.11-slim", "max_runtime_hours": 0.05, "disk_gb": 16}
+
+
+async def first_offer_id(client: ForeignClient) -> int:
+    """search_offers (one GPU, cheapest first) through `client`; the first offer's id."""
+    found = structured(await client.call_tool("search_offers", {"num_gpus": 1, "limit": 3}))
+    return int(found["offers"][0]["offer_id"])
 
 
 def structured(result: dict[str, Any]) -> dict[str, Any]:
@@ -508,6 +518,10 @@ class RawClient(_Base):
         """Answer the next elicitation requests with exactly `result` (any JSON value), or with a JSON-RPC `error`
         such as `{"code": -32603, "message": "boom"}`."""
         self._reply = {"error": error} if error is not None else {"result": None if result is _UNSET else result}
+
+
+# What the `connect` fixture is: `connect(kind=None, elicitation=("form",), env=None, spec=None)`.
+Connect = Callable[..., AbstractAsyncContextManager[ForeignClient]]
 
 
 def make_client(

@@ -1,24 +1,26 @@
 """Each foreign client (TypeScript SDK, fastmcp, raw JSON-RPC) can drive the real server over stdio: list the
-tools, get the prompt, rent through the user's "yes" and destroy, and rent nothing on a "no"."""
+tools, get the prompt, rent through the user's "yes" and destroy, and rent nothing on a "no" or when the client
+cannot ask the user at all (and no auto-approval is configured)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from conftest import Connect
-from foreign_clients import ForeignClient, live_instance_ids, sim_instances, structured, text
+from foreign_clients import (
+    SMALL_RENTAL,
+    Connect,
+    ForeignClient,
+    first_offer_id,
+    live_instance_ids,
+    sim_instances,
+    structured,
+    text,
+)
 
 from vast_mcp.sim.server import SimServer
 
 pytestmark = pytest.mark.anyio
-
-RENTAL = {"image": "python:3.11-slim", "max_runtime_hours": 0.05, "disk_gb": 16}
-
-
-async def cheapest_offer(client: ForeignClient) -> int:
-    found = structured(await client.call_tool("search_offers", {"num_gpus": 1, "limit": 3}))
-    return int(found["offers"][0]["offer_id"])
 
 
 def asked_for_approval(client: ForeignClient) -> dict[str, Any]:
@@ -41,8 +43,8 @@ async def test_accepting_the_quote_rents_and_destroy_ends_it(
     foreign_client: ForeignClient, foreign_sim: SimServer
 ) -> None:
     await foreign_client.set_elicit("accept", {"approve": True})
-    offer_id = await cheapest_offer(foreign_client)
-    created = structured(await foreign_client.call_tool("create_instance", {"offer_id": offer_id, **RENTAL}))
+    offer_id = await first_offer_id(foreign_client)
+    created = structured(await foreign_client.call_tool("create_instance", {"offer_id": offer_id, **SMALL_RENTAL}))
     assert created["status"] == "created", created
     question = asked_for_approval(foreign_client)
     assert "$" in question["message"]
@@ -61,8 +63,21 @@ async def test_a_no_rents_nothing(answer: str, connect: Connect, foreign_sim: Si
     before = {int(r["id"]) for r in sim_instances(foreign_sim)}
     async with connect() as client:
         await client.set_elicit(answer)
-        offer_id = await cheapest_offer(client)
-        result = await client.call_tool("create_instance", {"offer_id": offer_id, **RENTAL})
+        offer_id = await first_offer_id(client)
+        result = await client.call_tool("create_instance", {"offer_id": offer_id, **SMALL_RENTAL})
         asked_for_approval(client)
+        assert (result.get("structuredContent") or {}).get("status") != "created", result
+        assert {int(r["id"]) for r in sim_instances(foreign_sim)} == before
+
+
+async def test_a_client_without_elicitation_is_asked_nothing_and_rents_nothing(
+    connect: Connect, foreign_sim: SimServer
+) -> None:
+    before = {int(r["id"]) for r in sim_instances(foreign_sim)}
+    async with connect(elicitation=None) as client:
+        await client.set_elicit("accept", {"approve": True})  # would approve, were the client ever asked
+        offer_id = await first_offer_id(client)
+        result = await client.call_tool("create_instance", {"offer_id": offer_id, **SMALL_RENTAL})
+        assert client.elicitations == []
         assert (result.get("structuredContent") or {}).get("status") != "created", result
         assert {int(r["id"]) for r in sim_instances(foreign_sim)} == before
