@@ -46,7 +46,6 @@ CLOSE_TIMEOUT_S = 30.0  # bound on the server's teardown after stdin closes, bef
 ClientKind = Literal["typescript", "fastmcp", "raw"]
 CLIENT_KINDS: tuple[ClientKind, ...] = ("typescript", "fastmcp", "raw")
 ElicitMode = Literal["form", "url"]
-_UNSET: Any = object()
 
 
 class ForeignClientError(Exception):
@@ -119,12 +118,13 @@ def text(result: dict[str, Any]) -> str:
 
 class ForeignClient(Protocol):
     kind: ClientKind
+    spec: ServerSpec  # `spec.log` is the server's stderr
     elicitations: list[dict[str, Any]]
 
     async def call_tool(self, name: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]: ...
     async def list_tools(self) -> list[dict[str, Any]]: ...
     async def get_prompt(self, name: str, arguments: dict[str, str] | None = None) -> dict[str, Any]: ...
-    async def set_elicit(self, action: str, content: Any = _UNSET) -> None: ...
+    async def set_elicit(self, action: str, content: Any = None) -> None: ...
     async def close(self) -> None: ...
     async def __aenter__(self) -> Self: ...
     async def __aexit__(
@@ -272,9 +272,9 @@ class TsClient(_Base):
         result: dict[str, Any] = await self._op("get_prompt", name=name, arguments=arguments or {})
         return result
 
-    async def set_elicit(self, action: str, content: Any = _UNSET) -> None:
+    async def set_elicit(self, action: str, content: Any = None) -> None:
         """How the next elicitation requests are answered: accept (with `content`), decline, cancel, or error."""
-        await self._op("set_elicit", action=action, content=None if content is _UNSET else content)
+        await self._op("set_elicit", action=action, content=content)
 
 
 class FastMCPClient(_Base):
@@ -289,7 +289,7 @@ class FastMCPClient(_Base):
         self.spec = spec
         self.elicitation = elicitation
         self.mode = mode
-        self._answer: tuple[str, Any] = ("decline", _UNSET)
+        self._answer: tuple[str, Any] = ("decline", None)
         self._client: Any = None
 
     async def _start(self) -> None:
@@ -303,7 +303,7 @@ class FastMCPClient(_Base):
             if action == "error":
                 raise RuntimeError(content if isinstance(content, str) else "the user's client failed")
             if action == "accept":
-                return ElicitResult(action="accept", content={} if content is _UNSET else content)
+                return ElicitResult(action="accept", content=content)
             return ElicitResult(action=action)
 
         transport = StdioTransport(
@@ -347,7 +347,7 @@ class FastMCPClient(_Base):
     async def get_prompt(self, name: str, arguments: dict[str, str] | None = None) -> dict[str, Any]:
         return self._wire(await self._guard(self._client.get_prompt_mcp(name, arguments or {})))
 
-    async def set_elicit(self, action: str, content: Any = _UNSET) -> None:
+    async def set_elicit(self, action: str, content: Any = None) -> None:
         """How the next elicitation requests are answered: accept (with `content`), decline, cancel, or error.
         fastmcp itself checks accepted content against the requested schema and answers an error when it fails."""
         self._answer = (action, content)
@@ -357,9 +357,10 @@ class RawClient(_Base):
     """JSON-RPC 2.0 over the server's stdin/stdout with nothing in between.
 
     `capabilities` is sent verbatim in `initialize` (default: form elicitation). `set_elicit(action, content)`
-    answers `{"action": action, "content": content}` (content left out unless given), whatever `content` is;
-    `set_elicit_raw(result=...)` answers an arbitrary result object, `set_elicit_raw(error={...})` a JSON-RPC
-    error. `request()` and `notify()` send anything else.
+    answers `{"action": action, "content": content}` (content left out when None), whatever `content` is;
+    `set_elicit_raw(result=...)` answers an arbitrary result (any JSON value, null included), and
+    `set_elicit_raw(error={...})` a JSON-RPC error. `request()` and `notify()` send anything else; `server_info`
+    is the server's `initialize` result and `notifications` what it sent unasked (progress, logs).
     """
 
     kind: ClientKind = "raw"
@@ -506,18 +507,23 @@ class RawClient(_Base):
     async def get_prompt(self, name: str, arguments: dict[str, str] | None = None) -> dict[str, Any]:
         return await self.request("prompts/get", {"name": name, "arguments": arguments or {}})
 
-    async def set_elicit(self, action: str, content: Any = _UNSET) -> None:
+    async def set_elicit(self, action: str, content: Any = None) -> None:
         """Answer the next elicitation requests `{"action": action, "content": content}`; content may be any JSON
-        value (`{"approve": "yes"}`, `1`, `"true"`, `{}`), and is left out unless given."""
+        value (`{"approve": "yes"}`, `1`, `"true"`, `{}`), and is left out when None. As for the other clients,
+        "error" answers a JSON-RPC error instead (`content` its message)."""
+        if action == "error":
+            message = content if isinstance(content, str) else "the user's client failed"
+            self._reply = {"error": {"code": -32603, "message": message}}
+            return
         result: dict[str, Any] = {"action": action}
-        if content is not _UNSET:
+        if content is not None:
             result["content"] = content
         self._reply = {"result": result}
 
-    async def set_elicit_raw(self, result: Any = _UNSET, error: dict[str, Any] | None = None) -> None:
+    async def set_elicit_raw(self, result: Any = None, error: dict[str, Any] | None = None) -> None:
         """Answer the next elicitation requests with exactly `result` (any JSON value), or with a JSON-RPC `error`
         such as `{"code": -32603, "message": "boom"}`."""
-        self._reply = {"error": error} if error is not None else {"result": None if result is _UNSET else result}
+        self._reply = {"error": error} if error is not None else {"result": result}
 
 
 # What the `connect` fixture is: `connect(kind=None, elicitation=("form",), env=None, spec=None)`.

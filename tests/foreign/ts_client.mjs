@@ -48,8 +48,7 @@ if (capabilities.elicitation) {
     seen.push(request.params);
     const answer = elicitAnswer;
     if (answer.action === "error") throw new McpError(-32603, answer.content ?? "the user's client failed");
-    if (answer.action === "accept") return { action: "accept", content: answer.content ?? {} };
-    return { action: answer.action };
+    return answer.content == null ? { action: answer.action } : { action: answer.action, content: answer.content };
   });
 }
 
