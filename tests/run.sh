@@ -25,6 +25,15 @@ if command -v npm >/dev/null && [ ! -x "$inspector/node_modules/.bin/mcp-inspect
   npm install --prefix "$inspector" --silent --no-audit --no-fund @modelcontextprotocol/inspector@2.12.0 >/dev/null
 fi
 
+# The official TypeScript SDK's client is one of the foreign clients tests/foreign drives the server with (pinned
+# here and in tests/foreign/foreign_clients.py).
+ts_sdk=.cache/ts-sdk
+if command -v npm >/dev/null && [ ! -f "$ts_sdk/node_modules/@modelcontextprotocol/sdk/package.json" ]; then
+  echo "installing @modelcontextprotocol/sdk"
+  mkdir -p "$ts_sdk"
+  npm install --prefix "$ts_sdk" --silent --no-audit --no-fund @modelcontextprotocol/sdk@1.32.2 >/dev/null
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
