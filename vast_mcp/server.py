@@ -52,7 +52,7 @@ class VastServer(MCPServer):
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
-            if not str(exc).startswith("Resolver "):
+            if "Resolver '" not in str(exc):
                 raise
             raise ToolError(
                 "The user's answer to the question could not be read (an empty or malformed form), so it counts as "
