@@ -63,10 +63,11 @@ class Step:
     advice: str  # what to try then
 
 
-_SSH_ADVICE = (
-    "run the demo again; if it fails the same way, try the other kind of simulated instance with "
-    f"{BACKEND_ENV}=asyncssh (or =sshd, as root with openssh-server)."
-)
+_SSH_ADVICE = "run the demo again; if it fails the same way, try the other kind of simulated instance."
+_OTHER_BACKEND = {
+    "sshd": f"{BACKEND_ENV}=asyncssh runs each instance as an in-process SSH server instead",
+    "asyncssh": f"as root with openssh-server installed, {BACKEND_ENV}=sshd runs real OpenSSH instances instead",
+}
 
 STEPS: dict[str, Step] = {
     "start": Step(
@@ -114,6 +115,15 @@ for _step in STEPS.values():
     _step.advice = _step.advice or _SSH_ADVICE
 
 
+def _advice(progress: Progress, key: str) -> str:
+    """What to try after step `key` failed; for SSH trouble, the other kind of simulated instance by name."""
+    advice = STEPS[key].advice
+    other = _OTHER_BACKEND.get(progress.backend)
+    if advice == _SSH_ADVICE and other:
+        advice = advice[:-1] + f": {other}."
+    return advice
+
+
 @dataclass
 class Progress:
     """Where the demo is, so a failure can say which step failed and what it left behind."""
@@ -148,7 +158,7 @@ def _tool_failed(progress: Progress, tool: str, message: str) -> DemoError:
     return DemoError(
         f"The demo failed at step {step.number} ({step.title}): {tool} answered: {_short(message)}",
         step.cause,
-        step.advice,
+        _advice(progress, progress.step),
     )
 
 
@@ -189,7 +199,7 @@ async def _wait_ready(client: Client, progress: Progress, iid: int, budget: floa
         f"after {budget:g} s" + (f"; wait_ready's last answer: {_short(last)}" if last else "."),
         f"the instance's SSH server ({progress.backend} backend) never let the MCP server in, or the readiness check "
         "fails on this image (wait_ready's answers above say which).",
-        STEPS["ready"].advice,
+        _advice(progress, "ready"),
     )
 
 
@@ -433,7 +443,7 @@ def _explain(exc: BaseException, progress: Progress, results: Path) -> DemoError
         return DemoError(
             f"{where}: it did not finish within {DEMO_TIMEOUT_S:g} s.",
             "a step that waits on the instance never got an answer.",
-            step.advice,
+            _advice(progress, progress.step),
         )
     if isinstance(leaf, MCPError | anyio.BrokenResourceError | anyio.ClosedResourceError | anyio.EndOfStream):
         words = _server_last_words(progress)
@@ -444,7 +454,7 @@ def _explain(exc: BaseException, progress: Progress, results: Path) -> DemoError
             STEPS["serve"].advice,
         )
     if isinstance(leaf, VastMCPError | OSError):
-        return DemoError(f"{where}: {_short(str(leaf))}", step.cause, step.advice)
+        return DemoError(f"{where}: {_short(str(leaf))}", step.cause, _advice(progress, progress.step))
     saved = _save_traceback(exc, results)
     return DemoError(
         f"{where}: unexpected {type(leaf).__name__}: {_short(str(leaf))}.",
