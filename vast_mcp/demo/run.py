@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -79,7 +80,7 @@ STEPS: dict[str, Step] = {
     "serve": Step(
         0,
         "start the MCP server",
-        "`vast-mcp serve` did not start or stopped (its last words are above).",
+        "`vast-mcp serve` did not start, or stopped.",
         "run `vast-mcp serve` by hand to see it start, and reinstall vast-mcp if it cannot import its modules.",
     ),
     "search": Step(
@@ -134,6 +135,7 @@ class Progress:
     sim_started: bool = False
     last_answer: str = ""  # the text of the last tool answer, for the explanation
     server_log: Path | None = None
+    sim_log: Path | None = None
     notes: list[str] = field(default_factory=list)
 
     def enter(self, key: str, text: str = "") -> None:
@@ -349,7 +351,9 @@ async def _main(progress: Progress, results: Path, ready_s: float, faults: dict[
         job_dir.mkdir()
         (job_dir / "train.py").write_bytes(TRAIN_SCRIPT.read_bytes())
         cloud = SimCloud(backend=backend, boot_delay=BOOT_DELAY_S, root_dir=workdir / "cloud")
-        with SimServer(cloud) as sim:
+        server = SimServer(cloud)
+        progress.sim_log = _log_to_file(workdir / "sim.log")
+        with server as sim:
             progress.sim_started = True
             _say("simulated Vast cloud", f"{sim.url} ({describe_backend(backend)})")
             await _arm_faults(sim, faults)
@@ -373,7 +377,7 @@ async def _main(progress: Progress, results: Path, ready_s: float, faults: dict[
                         outcome.receipt = receipt
             except Exception as exc:  # explained below, once the cloud says what is left
                 outcome.error = exc
-                _keep_server_log(progress, results)
+                _keep_logs(progress, results)
             outcome.rows = await _settle(sim, progress)
     return outcome
 
@@ -383,15 +387,29 @@ def _transport(params: StdioServerParameters, errlog: TextIO) -> Any:
     return stdio_client(params, errlog=errlog)
 
 
-def _keep_server_log(progress: Progress, results: Path) -> None:
-    if progress.server_log is None or not progress.server_log.exists():
-        return
-    try:
-        kept = results / "server.log"
-        shutil.copyfile(progress.server_log, kept)
-        progress.server_log = kept
-    except OSError:
-        progress.server_log = None
+def _log_to_file(path: Path) -> Path:
+    """This process's log records (the simulated cloud's, its SSH servers') go to a file, not over the output."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # uvicorn configured its own loggers (with stderr handlers) when the simulated API was built.
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    logging.getLogger().setLevel(logging.WARNING)
+    return path
+
+
+def _keep_logs(progress: Progress, results: Path) -> None:
+    """After a failure, the logs move into the results folder, which outlives the demo's temporary folder."""
+    if progress.server_log is not None and progress.server_log.exists():
+        try:
+            progress.server_log = Path(shutil.copyfile(progress.server_log, results / "server.log"))
+        except OSError:
+            progress.server_log = None
+    if progress.sim_log is not None and progress.sim_log.exists():
+        with contextlib.suppress(OSError):
+            shutil.copyfile(progress.sim_log, results / "sim.log")
 
 
 def _server_last_words(progress: Progress) -> str:
@@ -450,10 +468,10 @@ def _explain(exc: BaseException, progress: Progress, results: Path) -> DemoError
         return DemoError(
             f"{where}: the connection to the MCP server (`vast-mcp serve`) closed"
             + (f"; its last words: {_short(words)}." if words else "."),
-            STEPS["serve"].cause.replace(" (its last words are above)", ""),
+            STEPS["serve"].cause,
             STEPS["serve"].advice,
         )
-    if isinstance(leaf, VastMCPError | OSError):
+    if isinstance(leaf, VastMCPError | OSError) or progress.step == "start":
         return DemoError(f"{where}: {_short(str(leaf))}", step.cause, _advice(progress, progress.step))
     saved = _save_traceback(exc, results)
     return DemoError(
