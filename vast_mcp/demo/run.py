@@ -56,7 +56,7 @@ class DemoError(VastMCPError):
         self.what, self.cause, self.advice = what, cause, advice
 
 
-@dataclass
+@dataclass(frozen=True)
 class Step:
     number: int
     title: str
@@ -93,7 +93,7 @@ STEPS: dict[str, Step] = {
         2,
         "rent it",
         "the price check refused the rental or the simulated API failed to create the instance.",
-        "run the demo again; the message above names the check that refused.",
+        "run the demo again (a new search gets a new quote); the answer above names the check that refused.",
     ),
     "ready": Step(
         3,
@@ -108,12 +108,10 @@ STEPS: dict[str, Step] = {
         _SSH_ADVICE,
     ),
     "run": Step(5, "run it in the background", "the job could not be started over SSH.", _SSH_ADVICE),
-    "follow": Step(6, "follow its log", "the SSH connection to the instance failed while following the job.", ""),
-    "download": Step(7, "download the results", "the results could not be fetched or written.", ""),
-    "destroy": Step(8, "destroy the instance", "the destroy was not confirmed by the simulated API.", ""),
+    "follow": Step(6, "follow its log", "the SSH connection failed while following the job.", _SSH_ADVICE),
+    "download": Step(7, "download the results", "the results could not be fetched or written.", _SSH_ADVICE),
+    "destroy": Step(8, "destroy the instance", "the destroy was not confirmed by the simulated API.", _SSH_ADVICE),
 }
-for _step in STEPS.values():
-    _step.advice = _step.advice or _SSH_ADVICE
 
 
 def _advice(progress: Progress, key: str) -> str:
@@ -131,7 +129,6 @@ class Progress:
 
     step: str = "start"
     backend: str = ""
-    instance_id: int | None = None
     sim_started: bool = False
     last_answer: str = ""  # the text of the last tool answer, for the explanation
     server_log: Path | None = None
@@ -214,7 +211,7 @@ async def _agent(client: Client, progress: Progress, workdir: Path, results: Pat
     progress.enter("rent", "(the user approves the price)")
     args = {"offer_id": offer["offer_id"], "image": IMAGE, "disk_gb": 16, "max_runtime_hours": 0.5}
     created = await _call(client, progress, "create_instance", args)
-    iid = progress.instance_id = int(created["instance_id"])
+    iid = int(created["instance_id"])
 
     progress.enter("ready", "(SSH logs in and a command runs)")
     await _wait_ready(client, progress, iid, ready_s)
