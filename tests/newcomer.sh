@@ -20,6 +20,7 @@ die() { echo "newcomer: FAILED: $*" >&2; exit 1; }
 need=()
 command -v git >/dev/null || need+=(git)
 command -v useradd >/dev/null || need+=(passwd)
+{ command -v ps && command -v pgrep; } >/dev/null || need+=(procps)
 { command -v unshare && command -v setpriv && command -v mount; } >/dev/null || need+=(util-linux mount)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
@@ -27,7 +28,7 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-for tool in git useradd unshare setpriv mount /usr/bin/python3; do
+for tool in git useradd unshare setpriv mount ps pgrep /usr/bin/python3; do
   command -v "$tool" >/dev/null || die "$tool is missing"
 done
 
