@@ -59,13 +59,23 @@ FAILURES: dict[str, tuple[list[str], dict[str, str], str]] = {
         {},
         "step 3 (wait until it is really usable)",
     ),
+    "sshd unreachable, in-process SSH hosts": (
+        ["--sim-fault", "ssh_refuse_for=600", "--ready-timeout", "5"],
+        {"VAST_MCP_SIM_BACKEND": "asyncssh"},
+        "step 3 (wait until it is really usable)",
+    ),
     "instance never boots": (
         ["--sim-fault", "never_boots", "--ready-timeout", "5"],
         {},
-        "step 3 (wait until it is really usable)",
+        "never finished booting",
     ),
     "price jumps after create": (["--sim-fault", "price_multiplier=3"], {}, "step 2 (rent it)"),
     "instance dies at once": (["--sim-fault", "exit_after=0"], {}, "The demo failed at step"),
+    "instance dies at once, in-process SSH hosts": (
+        ["--sim-fault", "exit_after=0"],
+        {"VAST_MCP_SIM_BACKEND": "asyncssh"},
+        "The demo failed at step",
+    ),
     "no such host backend": ([], {"VAST_MCP_SIM_BACKEND": "bogus"}, "could not start the simulated cloud"),
 }
 

@@ -177,7 +177,7 @@ async def _accept(context: Any, params: Any) -> ElicitResult:
 
 async def _wait_ready(client: Client, progress: Progress, iid: int, budget: float) -> None:
     deadline = time.monotonic() + budget
-    last = ""
+    last, status = "", None
     while True:
         left = deadline - time.monotonic()
         if left < 1:
@@ -185,7 +185,7 @@ async def _wait_ready(client: Client, progress: Progress, iid: int, budget: floa
         ready = await _call(client, progress, "wait_ready", {"instance_id": iid, "timeout_s": min(30.0, left)})
         if ready["ready"]:
             return
-        last = progress.last_answer
+        last, status = _for_the_user(progress.last_answer), ready.get("status")
         if ready.get("failed"):
             raise DemoError(
                 f"The demo failed at step 3 (wait until it is really usable): instance {iid} cannot become ready"
@@ -193,13 +193,27 @@ async def _wait_ready(client: Client, progress: Progress, iid: int, budget: floa
                 "the simulated instance stopped or never booted.",
                 "run the demo again; if it keeps failing, run `vast-mcp sim` and watch the instance's status.",
             )
-    raise DemoError(
+    what = (
         f"The demo failed at step 3 (wait until it is really usable): instance {iid} was not usable over SSH "
-        f"after {budget:g} s" + (f"; wait_ready's last answer: {_short(last)}" if last else "."),
+        f"after {budget:g} s" + (f"; wait_ready's last answer: {_short(last)}" if last else ".")
+    )
+    if status not in (None, "running"):
+        raise DemoError(
+            what,
+            f"the instance never finished booting (its status stayed {status}).",
+            "run the demo again; if it keeps failing, run `vast-mcp sim` and watch the instance's status.",
+        )
+    raise DemoError(
+        what,
         f"the instance's SSH server ({progress.backend} backend) never let the MCP server in, or the readiness check "
         "fails on this image (wait_ready's answers above say which).",
         _advice(progress, "ready"),
     )
+
+
+def _for_the_user(answer: str) -> str:
+    """A tool's answer without the instruction meant for the agent (the demo has already stopped waiting)."""
+    return re.sub(r"\s*Call wait_ready again[^.]*\.", "", answer).strip()
 
 
 async def _agent(client: Client, progress: Progress, workdir: Path, results: Path, ready_s: float) -> dict[str, Any]:
@@ -519,7 +533,8 @@ def _fail(error: DemoError, progress: Progress, left: list[int] | None) -> int:
     if progress.server_log is not None and progress.server_log.exists() and progress.server_log.stat().st_size:
         parts.append(f"Server log: {progress.server_log}.")
     print("", file=sys.stderr)
-    print(textwrap.fill("demo failed: " + " ".join(parts), width=110), file=sys.stderr, flush=True)
+    text = textwrap.fill("demo failed: " + " ".join(parts), width=110, break_on_hyphens=False, break_long_words=False)
+    print(text, file=sys.stderr, flush=True)
     return 1
 
 
