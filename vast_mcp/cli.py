@@ -67,11 +67,26 @@ def _add_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the whole workflow on the simulated cloud (no account needed)")
     p.add_argument("--results", default="vast-demo-results", help="folder for the downloaded results")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="give up when the instance is not usable over SSH after S seconds (default 120)",
+    )
+    p.add_argument(
+        "--sim-fault",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="give the demo's instance a simulated fault, to see a failure handled: never_boots, exit_after=S, "
+        "ssh_refuse_for=S, price_multiplier=X, boot_delay=S, bandwidth_limit=BPS (repeatable)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from .demo.run import main as demo_main
 
-        return demo_main(args.results)
+        return demo_main(args.results, ready_timeout=args.ready_timeout, sim_faults=args.sim_fault)
 
     p.set_defaults(handler=run)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from importlib.resources import files
 from typing import Annotated, Any
 
 import anyio
@@ -31,7 +31,8 @@ log = logging.getLogger("vast_mcp.server")
 server_sessions: dict[int, Sessions] = {}
 """The live sessions of each running server (by `id(server)`), for the HTTP layer to end a deleted MCP session."""
 
-PROMPT_PATH = Path(__file__).resolve().parent.parent / "prompts" / "run-job.md"
+# Package data, so every kind of install has it; the top-level `prompts/run-job.md` is a link to this file.
+PROMPT = files("vast_mcp") / "prompts" / "run-job.md"
 
 INSTRUCTIONS = """\
 Runs GPU jobs on Vast.ai rentals. Renting costs the user money from create_instance until destroy. The usual
@@ -93,7 +94,7 @@ def build_server(settings: Settings, *, http: bool = False) -> MCPServer:
         job: Annotated[str, Field(description="What to run: the script or command, files, results, GPU, budget.")],
     ) -> str:
         """Walk through renting a GPU, running a job on it, fetching the results and destroying the instance."""
-        template = PROMPT_PATH.read_text(encoding="utf-8")
+        template = PROMPT.read_text(encoding="utf-8")
         return template.replace("{job}", job.strip() or "(the user has not described the job yet: ask them)")
 
     return mcp
