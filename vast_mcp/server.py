@@ -24,7 +24,7 @@ from .config import Settings
 from .lifecycle import SESSION_CLOSED
 from .sessions import STDIO_KEY, Sessions
 from .tools import instances, runs, work
-from .tools.common import AppState
+from .tools.common import ANSWER_BOUND, AnswerBound, AppState
 
 log = logging.getLogger("vast_mcp.server")
 
@@ -47,18 +47,28 @@ class VastServer(MCPServer):
     """The SDK's server, with one mend: when a client answers a question with an empty or malformed form, the SDK
     fails the call naming an internal function; the agent is told plainly that it counted as a no instead."""
 
+    answer_wait_s = 600.0  # a question unanswered this long counts as a no (set to the quotes' lifetime)
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if "Resolver '" not in str(exc):
-                raise
-            raise ToolError(
-                "The user's answer to the question could not be read (an empty or malformed form), so it counts as "
-                "a no and nothing was done. Ask the user again if they meant yes."
-            ) from None
+        with anyio.CancelScope() as scope:  # its deadline is set only while a question awaits the user's answer
+            token = ANSWER_BOUND.set(AnswerBound(scope, self.answer_wait_s))
+            try:
+                return await super().call_tool(name, arguments, context)
+            except ToolError as exc:
+                if "Resolver '" not in str(exc):
+                    raise
+                raise ToolError(
+                    "The user's answer to the question could not be read (an empty or malformed form), so it counts "
+                    "as a no and nothing was done. Ask the user again if they meant yes."
+                ) from None
+            finally:
+                ANSWER_BOUND.reset(token)
+        raise ToolError(
+            f"No answer to the question came within {self.answer_wait_s:.0f} s, so it counts as a no and nothing "
+            "was done. Ask again when the user is there."
+        )
 
 
 def build_server(settings: Settings, *, http: bool = False) -> MCPServer:
@@ -85,6 +95,7 @@ def build_server(settings: Settings, *, http: bool = False) -> MCPServer:
             SESSION_CLOSED.set()  # everything is released (or handed to a reaper): the process may end
 
     mcp = VastServer("vast", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan)
+    mcp.answer_wait_s = settings.caps.quote_ttl_s  # an answer after the quote expired could not be used anyway
     instances.register(mcp)
     work.register(mcp)
     runs.register(mcp)

@@ -142,20 +142,26 @@ async def test_only_a_boolean_true_approves(content: Any, connect: Connect, fore
 
 
 @pytest.mark.parametrize("client_kind", ["raw"])
-async def test_a_malformed_elicitation_result_rents_nothing(connect: Connect, foreign_sim: SimServer) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [{"action": "maybe"}, {"action": "accept", "content": "yes"}, [], "accept"],
+    ids=["unknown-action", "string-content", "list", "string"],
+)
+async def test_a_malformed_elicitation_result_rents_nothing(
+    garbage: Any, connect: Connect, foreign_sim: SimServer
+) -> None:
     before = ids(foreign_sim)
-    async with connect() as client:
+    async with connect(env={"VAST_MCP_QUOTE_TTL_S": "5"}) as client:  # a question waits as long as its quote
         assert isinstance(client, RawClient)
-        for garbage in ({"action": "maybe"}, {"action": "accept", "content": "yes"}, [], "accept"):
-            await client.set_elicit_raw(result=garbage)
-            try:
-                result = await client.call_tool("create_instance", await rent_args(client))
-            except Exception as exc:
-                said = str(exc)
-            else:
-                said = text(result)
-                assert result["isError"] or structured(result)["status"] == "declined", said
-            assert not any(word in said for word in INTERNAL), said
+        await client.set_elicit_raw(result=garbage)
+        try:
+            result = await client.call_tool("create_instance", await rent_args(client))
+        except Exception as exc:
+            said = str(exc)
+        else:
+            said = text(result)
+            assert result["isError"] or structured(result)["status"] == "declined", said
+        assert not any(word in said for word in INTERNAL), said
     assert ids(foreign_sim) == before
 
 

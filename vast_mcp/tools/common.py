@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from mcp.server import MCPServer
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import Context, Elicit
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
+from ..approval import YesNo
 from ..errors import VastMCPError
 from ..service import Progress, Service
 from ..sessions import STDIO_KEY, Sessions, SessionState
 from ..workflow import RunBook
 
 MAX_CALL_S = 45.0  # every tool call returns within about this long; longer waits are resumable
+
+
+@dataclass(frozen=True)
+class AnswerBound:
+    """The tool call being served (its cancel scope) and how long a question in it may wait for the user."""
+
+    scope: anyio.CancelScope
+    wait_s: float
+
+
+ANSWER_BOUND: ContextVar[AnswerBound | None] = ContextVar("answer_bound", default=None)
 SESSIONLESS_KEY = "sessionless"  # HTTP requests of the 2026-07-28 protocol carry no MCP session id
 
 
@@ -139,6 +154,22 @@ def can_elicit(ctx: Context[Any, Any]) -> bool:
     caps = ctx.client_capabilities
     e = caps.elicitation if caps is not None else None
     return e is not None and (e.form is not None or e.url is None)
+
+
+def ask(message: str) -> Elicit[YesNo]:
+    """A yes/no question for the user, whose answer is awaited a bounded time (see `AnswerBound`): a client that
+    never answers (or answers with something the protocol layer cannot even parse) gets a clear "no" then."""
+    bound = ANSWER_BOUND.get()
+    if bound is not None:
+        bound.scope.deadline = anyio.current_time() + bound.wait_s
+    return Elicit(message, YesNo)
+
+
+def answered() -> None:
+    """The question is over (the tool body runs): the call's own bounds apply again, not the answer's."""
+    bound = ANSWER_BOUND.get()
+    if bound is not None:
+        bound.scope.deadline = math.inf
 
 
 def progress_of(ctx: Context[Any, Any]) -> Progress:

@@ -40,6 +40,8 @@ from .common import (
     QuoteId,
     TemplateHash,
     agent_errors,
+    answered,
+    ask,
     can_elicit,
     progress_of,
     service_of,
@@ -113,7 +115,7 @@ async def _ask_rent(pricing: Annotated[_Pricing, Resolve(_price)], ctx: Context[
     service = await service_of(ctx)
     if not service.approvals.should_ask(quote, can_ask=can_elicit(ctx), raises_cap=pricing.raise_cap_to is not None):
         return None
-    return Elicit(quote.describe() + service.cap_raise_words(pricing.raise_cap_to) + " Approve this rental?", YesNo)
+    return ask(quote.describe() + service.cap_raise_words(pricing.raise_cap_to) + " Approve this rental?")
 
 
 async def _ask_keep(instance_id: int, keep: bool, ctx: Context[AppState, Any]) -> Elicit[YesNo] | None:
@@ -122,11 +124,10 @@ async def _ask_keep(instance_id: int, keep: bool, ctx: Context[AppState, Any]) -
     row = await (await service_of(ctx)).own(instance_id)
     if row is None or not row.is_live:
         return None
-    return Elicit(
+    return ask(
         f"Keep instance {instance_id} ({row.gpu}) after this session ends? It keeps billing ${row.dph:.3f}/hr "
         f"(${row.dph * 24:.2f} a day) with no end date until someone destroys it: this server stops watching it, "
-        "its max runtime no longer applies, and its self-destruct watchdog is disarmed.",
-        YesNo,
+        "its max runtime no longer applies, and its self-destruct watchdog is disarmed."
     )
 
 
@@ -144,10 +145,9 @@ async def _ask_destroy(instance_id: int, ctx: Context[AppState, Any]) -> Elicit[
         return None
     what = f"{inst.num_gpus}× {inst.gpu_name}" if inst.gpu_name else "an instance"
     label = f", labelled {inst.label!r}" if inst.label else ""
-    return Elicit(
+    return ask(
         f"Destroy instance {instance_id} ({what}, {inst.actual_status or 'status unknown'}{label})? This session did "
-        "not create it. Destroying deletes its disk and everything on it; its billing stops.",
-        YesNo,
+        "not create it. Destroying deletes its disk and everything on it; its billing stops."
     )
 
 
@@ -217,6 +217,7 @@ def register(mcp: MCPServer) -> None:
         ends unless the user agreed to keep it. Server caps on $/hour, session spend and instance count apply.
         Next step: wait_ready.
         """
+        answered()
         with agent_errors():
             if pricing.error is not None:
                 raise ToolError(pricing.error)
@@ -274,6 +275,7 @@ def register(mcp: MCPServer) -> None:
         Waits until Vast confirms it is gone. Safe to repeat. An instance this session did not create is destroyed
         only if the user says yes in a form the client shows them.
         """
+        answered()
         with agent_errors():
             service = await service_of(ctx)
             if await service.own(instance_id) is None:
@@ -303,6 +305,7 @@ def register(mcp: MCPServer) -> None:
     ) -> Annotated[CallToolResult, InstancesResult]:
         """Keep an instance after this session ends (it keeps billing with no end date), or undo that. Keeping
         needs the user's yes in a form the client shows them; only when the user asks for it."""
+        answered()
         with agent_errors():
             service = await service_of(ctx)
             if keep:

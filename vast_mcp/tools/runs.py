@@ -33,6 +33,8 @@ from .common import (
     SecretVars,
     TemplateHash,
     agent_errors,
+    answered,
+    ask,
     can_elicit,
     progress_of,
     runs_of,
@@ -140,7 +142,7 @@ async def _ask_run_approval(
         plan.quote, can_ask=can_elicit(ctx), keeps=plan.spec.keep_on_failure, raises_cap=raises_cap
     ):
         return None
-    return Elicit(plan.question(service.cap_raise_words(plan.raise_cap_to)) + " Approve this run?", YesNo)
+    return ask(plan.question(service.cap_raise_words(plan.raise_cap_to)) + " Approve this run?")
 
 
 def register(mcp: MCPServer) -> None:
@@ -226,6 +228,7 @@ def register(mcp: MCPServer) -> None:
         and the instance is destroyed (kept only with keep_on_failure and a failed job). The run and its instance
         end with this session. Follow it with run_status.
         """
+        answered()
         with agent_errors():
             if planning.error is not None:
                 raise ToolError(planning.error)
