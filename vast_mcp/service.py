@@ -371,12 +371,12 @@ class Service:
         """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
         after."""
         quote = grant.quote
-        if grant.session_cap is not None and self.session_cap is not None:
-            self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
         if (request.offer_id, params_digest(request.params())) != (quote.offer_id, quote.params_digest):
             raise QuoteMismatchError(
                 f"The approval covers offer {quote.offer_id} as quoted, not this request. Ask for a new approval."
             )
+        if grant.session_cap is not None and self.session_cap is not None:
+            self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
         async with self._create_lock:  # caps are checked and the intent written as one step per session
             await self._check_caps(quote, session_cap=self.session_cap)
             await self.ensure_key_registered()
