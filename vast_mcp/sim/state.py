@@ -406,6 +406,7 @@ class SimCloud:
             log_path=log_path,
             bandwidth_limit=faults.bandwidth_limit,
             extra=faults.to_extra(),
+            image=body.get("image"),
         )
         now = self.clock()
         inst = SimInstance(
