@@ -199,7 +199,8 @@ cd {dest} 2>/dev/null || exit 0
 if find . -maxdepth 0 -printf '' >/dev/null 2>&1; then
   find {names} -printf '%y\t%s\t%T@\t%l\t%p\0' 2>/dev/null
 else
-  find {names} -exec stat -c 'M%f\t%s\t%Y\t%n' {{}} + 2>/dev/null | tr '\n' '\0'
+  tab=$(printf '\t')
+  find {names} -exec stat -c "M%f$tab%s$tab%Y$tab%n" {{}} + 2>/dev/null | tr '\n' '\0'
   find {names} -type l 2>/dev/null | while IFS= read -r f; do printf 'L%s\t%s\0' "$f" "$(readlink "$f")"; done
 fi
 exit 0
