@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,10 +184,8 @@ async def _granular(client: Client, server: SimServer, row: Row, project: Path, 
     except (StepFailed, KeyError, IndexError, OSError) as exc:
         row.cells[step] = f"fail: {exc}"
         if iid is not None and step != "destroy":
-            try:
+            with suppress(StepFailed):
                 await _tool(client, "destroy", {"instance_id": iid})
-            except StepFailed:
-                pass
 
 
 async def _run_job(client: Client, image: str, project: Path, blob: bytes) -> str:
@@ -235,8 +233,6 @@ def table(rows: list[Row], backend: str) -> str:
     for r in rows:
         cells = [r.cells.get(s, "-") if r.cells.get(s) == "ok" else "fail" if s in r.cells else "-" for s in STEPS]
         run = "ok" if r.run_job == "ok" else "fail"
-        lines.append(
-            f"| {r.profile} (`{r.image}`) | " + " | ".join([*cells, run, r.python, r.watchdog]) + " |"
-        )
+        lines.append(f"| {r.profile} (`{r.image}`) | " + " | ".join([*cells, run, r.python, r.watchdog]) + " |")
     lines.append(f"\nHost backend: {backend}.")
     return "\n".join(lines)
