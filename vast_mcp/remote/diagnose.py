@@ -47,13 +47,19 @@ class SSHFailures:
     repeats: int = 0
 
     def note(self, stage: str, detail: str, *, count: bool = True) -> None:
-        """Record a failed attempt (`count=False`: the final summary of attempts already counted)."""
-        if (stage, detail) == (self.stage, self.detail):
-            if count:
-                self.repeats += 1
-            return
-        if not count and self.stage:
+        """Record a failed attempt (`count=False`: the final summary of attempts already counted).
+
+        Failures at the same step count as the same failure: their details may differ in small ways (how a
+        connection was cut, a timestamp in stderr) while meaning the same thing. The latest detail is kept.
+        """
+        if not count:
+            if not self.stage:
+                self.stage, self.detail, self.repeats = stage, detail, 1
             return  # the closing error restates the last attempt; keep its more precise detail
+        if stage == self.stage:
+            self.repeats += 1
+            self.detail = detail
+            return
         self.stage, self.detail, self.repeats = stage, detail, 1
 
     def diagnosis(self, *, running: bool) -> str | None:
