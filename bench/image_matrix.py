@@ -7,6 +7,7 @@ cloud, for each host backend this machine can run. Prints one Markdown table per
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ def main() -> int:
     parser.add_argument("--backends", default=default, help="host backends, comma-separated")
     parser.add_argument("--only", default="", help="only the profiles whose name contains this")
     args = parser.parse_args()
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
     failed = 0
     for name in args.backends.split(","):
         with tempfile.TemporaryDirectory(prefix="vast-matrix-") as tmp:
