@@ -1,9 +1,12 @@
 """Instances as in-process SSH servers (asyncssh), for machines where the sshd backend cannot run.
 
 No root, no namespaces: an instance is an SSH server on the service loop with its own host key, whose
-commands run as `bash -c` subprocesses with HOME and the working directory set to the instance's `root/`
-folder and the container environment. `/root` and `/workspace` in a command still mean the machine's own,
-so jobs should use `~` or relative paths here; the sshd backend has no such limit.
+commands run under the image profile's login shell with HOME and the working directory set to the instance's
+`root/` folder. The image shows through the `PATH`: sessions get only the profile's command folders (links under
+the instance's disk, see `images.materialize`), and, as on Vast, not the container's environment, which goes to
+the stand-in PID 1 and `onstart` and to a file named in `$VAST_MCP_CONTAINER_ENVIRON` (there is no PID namespace
+whose /proc/1 could hold it). `/root`, `/workspace`, `/bin/sh` and absolute host paths in a command still mean
+the machine's own, so jobs should use `~` or relative paths here; the sshd backend has no such limits.
 
 Every process of the instance carries a marker in its environment (inherited by anything it starts), which
 is how `alive_pids()` finds background jobs that left their session, and how `stop()` ends them.

@@ -1,8 +1,10 @@
 """Instances that are real OpenSSH servers, each in its own mount and PID namespace (needs root).
 
 Boot: `setpriv --pdeathsig KILL unshare -m -p --fork --kill-child --mount-proc bash -c INIT`. The namespace's
-first process (INIT, PID 1 inside) binds the instance's disk over /root and /workspace, starts `sshd -D` and the
-`onstart` script, then reaps orphans forever. What we hold on the host side:
+first process (INIT, PID 1 inside) binds the instance's disk over /root and /workspace, covers the command folders
+with the image profile's (see `images.py`: only its commands exist, its shell is /bin/sh and root's login
+shell), starts `sshd -D` and the `onstart` script, then reaps orphans forever. Its environment is the container's
+(the image's ENV, CONTAINER_API_KEY...), which sshd does not pass to SSH sessions. What we hold on the host side:
 
 - the host PID of that first process, found as the child of `unshare` and held as a pidfd. Killing a PID
   namespace's init kills everything in it; killing `unshare` would not (its child is re-parented and keeps
