@@ -482,6 +482,8 @@ class Service:
         """Whether the instance's dead-man's switch can work ('ok'), else why not; None without a lease."""
         if self.settings.lease_s is None:
             return None
+        if instance_id in self._watchdog:
+            return self._watchdog[instance_id]  # an image does not change while the instance lives
         try:
             res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
         except (RemoteError, TimeoutError) as exc:
