@@ -601,17 +601,16 @@ class RunBook:
             if last.failed:
                 why = f"it stopped while starting (status {last.status}: {last.status_msg or 'no message'})"
                 return why + await self._log_note(iid, last.status_msg)
-        if last is not None and last.ssh_stage:
-            why = (
-                f"it was not ready within {bound:g} s (status {last.status or 'scheduling'}; last SSH failure at "
-                f"the {last.ssh_stage} step: {last.ssh_detail or 'no detail'})"
-            )
-        elif last is not None and last.status == "running":
+        if last is not None and last.status == "running":
             why = f"Vast reported it running, but SSH never accepted our key within {bound:g} s"
         else:
             status = last.status if last is not None and last.status else "scheduling"
             msg = f": {last.status_msg}" if last is not None and last.status_msg else ""
             why = f"it was not ready within {bound:g} s (status {status}{msg})"
+        if last is not None and last.ssh_stage:
+            why += f"; last SSH failure at the {last.ssh_stage} step: {last.ssh_detail or 'no detail'}"
+            if last.diagnosis:
+                why += f" ({last.diagnosis})"
         return why + await self._log_note(iid, last.status_msg if last is not None else None)
 
     async def _log_note(self, instance_id: int, said: str | None) -> str:
