@@ -177,6 +177,7 @@ unset __vm_f __vm_p
 BEGIN = b"\x1evast-mcp-begin "
 MAX_CHANNELS = 8  # per connection; OpenSSH's MaxSessions is 10 by default, and a proxy may allow fewer
 CHANNEL_RETRY_S = 30.0  # how long a refused channel is retried (others on the connection are still running)
+NOISE_LIMIT_S = 60.0  # how long a stream's command may take to start (past the shell's start-up files)
 
 # Never fails on a missing tool: what is absent is simply not listed. `.no_auto_tmux` turns off Vast's tmux
 # hook for later logins, as SkyPilot does.
@@ -311,7 +312,11 @@ class RemoteHost:
                         raise
                     continue
                 if time.monotonic() + delay > deadline:
-                    raise
+                    raise RemoteCommandError(
+                        f"{self.target.address} refused every new SSH channel for {CHANNEL_RETRY_S:g} s while the "
+                        "connection stayed up (too many sessions at once on it?). Wait for running commands to "
+                        "finish, then try again."
+                    ) from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
             except _DROPPED:
@@ -330,7 +335,13 @@ class RemoteHost:
         async with self._channels:
             proc = await self.process(with_container_env(f"printf '\\036vast-mcp-begin %s\\n' $$\n{command}"), **kwargs)
             try:
-                await _skip_noise(proc.stdout)
+                with anyio.move_on_after(NOISE_LIMIT_S) as scope:
+                    await _skip_noise(proc.stdout)
+                if scope.cancelled_caught:
+                    raise RemoteCommandError(
+                        f"`{_short(command)}` on {self.target.address} did not start within {NOISE_LIMIT_S:g} s "
+                        "(the shell's start-up files may hang, e.g. waiting for a terminal)."
+                    )
                 yield proc
             finally:
                 proc.close()
@@ -426,7 +437,7 @@ class RemoteHost:
                         f"kill -TERM -{pgid} 2>/dev/null; sleep 1; kill -KILL -{pgid} 2>/dev/null; true"
                     )
                     await proc.wait()
-            except (*_DROPPED, SSHUnavailableError):
+            except (*_DROPPED, SSHUnavailableError, RemoteCommandError):
                 return
 
     async def check(self, command: str, *, time_limit: float = 60.0, stdin: bytes | None = None) -> str:
