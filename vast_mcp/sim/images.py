@@ -170,7 +170,7 @@ VASTAI_BASE = ImageProfile(
     commands=(*_UBUNTU, *_PROCPS, *_VAST_TOOLS, "python3"),
     extra_dirs=_VENV,
     container_env={"PATH": "/venv/main/bin:" + _DEBIAN_ENV_PATH, "DATA_DIRECTORY": "/workspace"},
-    bashrc=UBUNTU_BASHRC.replace('[ -z "$PS1" ] && return\n', "") + VAST_TMUX,
+    bashrc=VAST_TMUX + UBUNTU_BASHRC,  # the hook ahead of Ubuntu's guard: the harder of the two possible answers
     notes="Vast's own base: curl, wget, rsync, tmux; a Python venv in /venv/main; tmux auto-attach on login.",
 )
 VASTAI_PYTORCH = ImageProfile(
