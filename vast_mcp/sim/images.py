@@ -305,7 +305,8 @@ def materialize(profile: ImageProfile, tree: Path, *, host_prefix: str = "") -> 
     else:
         for name in profile.commands:
             _link(usr_bin / name, host_prefix, host_command(name))
-        sh_target = host_command({"dash": "dash", "bash": "bash", "busybox": "busybox"}[profile.sh])
+        # A machine without dash (not Debian) still gives the instance a POSIX shell.
+        sh_target = host_command(profile.sh) or host_command("bash") or "/bin/sh"
         if not profile.sha256_z:
             _write_wrapper(usr_bin / "sha256sum", host_prefix, host_command("sha256sum"))
     (usr_bin / "sh").unlink(missing_ok=True)
