@@ -2,7 +2,7 @@
 
 For each profile, one instance goes through the granular tools step by step (ready, upload, setup, job, tail,
 download, destroy; each cell ok or what failed), and `run_job` runs the same project end to end on another.
-`tests/e2e/test_image_profiles.py` asserts every cell; `bench/image_matrix.py` prints the table for both host
+`tests/e2e/test_profile_matrix.py` asserts every cell; `bench/image_matrix.py` prints the table for both host
 backends.
 """
 
