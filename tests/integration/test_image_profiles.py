@@ -213,3 +213,20 @@ async def test_wait_ready_names_the_failing_step(boot: Booted) -> None:
     assert failures.stage == "command" and failures.repeats >= REPEATS_FOR_DIAGNOSIS
     diagnosis = failures.diagnosis(running=True)
     assert diagnosis is not None and "image problem" in diagnosis
+
+
+async def test_jobs_run_and_cancel_without_setsid(boot: Booted) -> None:
+    """An image without util-linux's setsid: the job detaches with nohup and cancel still ends it."""
+    async with boot("ubuntu:22.04") as (instance, host):
+        (instance.spec.disk_dir / "host" / "fs" / "usr" / "bin" / "setsid").unlink()
+        assert (await host.run("command -v setsid || echo none")).stdout == "none\n"
+        job = await start_job(host, "echo started; exec sleep 300")
+        assert (await tail_job(host, job.job_id, wait=10)).text == "started\n"
+        assert (await cancel_job(host, job.job_id, grace=1)).state == "killed"
+        # Nothing of the job is left: no process carries its id (the wrapper, its shell, the `sleep`).
+        left = (
+            "i=0; while [ $i -lt 50 ]; do n=0; for p in /proc/[0-9]*; do "
+            f"tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qx VAST_MCP_JOB={job.job_id} && n=$((n+1)); done; "
+            '[ $n = 0 ] && break; sleep 0.2; i=$((i+1)); done; echo "$n left"'
+        )
+        assert (await host.run(left)).stdout == "0 left\n"

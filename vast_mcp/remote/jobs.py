@@ -275,12 +275,21 @@ async def cancel_job(host: RemoteHost, job_id: str, *, grace: float = 5.0) -> Jo
 state
 if [ $st = running ] && [ -n "$pid" ]; then
   touch "$d/killed"
-  # `kill -SIG -PGID`, not `kill -SIG -- -PGID`: BusyBox's shell rejects the `--`. The pid alone covers a job
-  # started without setsid (its pid is then no group).
-  kill -TERM -$pid 2>/dev/null || kill -TERM $pid 2>/dev/null || true
+  # `kill -SIG -PGID`, not `kill -SIG -- -PGID`: BusyBox's shell rejects the `--`. A job started without setsid
+  # has no group of its own: then every process carrying its id in the environment is signalled.
+  signal_job() {{
+    kill -$1 -$pid 2>/dev/null && return 0
+    for p in /proc/[0-9]*; do
+      if tr '\\0' '\\n' < "$p/environ" 2>/dev/null | grep -qx "VAST_MCP_JOB=$id"; then
+        kill -$1 "${{p#/proc/}}" 2>/dev/null
+      fi
+    done
+    return 0
+  }}
+  signal_job TERM
   i=0
   while {{ kill -0 -$pid || kill -0 $pid; }} 2>/dev/null && [ $i -lt {ticks} ]; do sleep {_TICK}; i=$((i + 1)); done
-  kill -KILL -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null || true
+  signal_job KILL
   sleep {_TICK}
 fi
 state
