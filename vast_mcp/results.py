@@ -159,14 +159,21 @@ class TransferResult(BaseModel):
     skipped_files: int = Field(default=0, description="Unchanged files not sent again.")
     seconds: float
     destination: str
-    refused: list[str] = Field(default_factory=list, description="Archive members refused as unsafe.")
+    refused: list[str] = Field(
+        default_factory=list, description="Downloaded members not written (unsafe, name too long, no room), why."
+    )
     missing: list[str] = Field(default_factory=list, description="Requested remote paths that matched nothing.")
+    skipped_special: list[str] = Field(
+        default_factory=list, description="Local FIFOs, sockets and devices an upload left out (never read)."
+    )
 
     def summary(self) -> str:
         mb = self.bytes / 1e6
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         skipped = f", {self.skipped_files} unchanged file(s) skipped" if self.skipped_files else ""
-        refused = f"\nRefused as unsafe: {', '.join(self.refused[:10])}" if self.refused else ""
+        refused = f"\nNot written ({len(self.refused)}): {'; '.join(self.refused[:10])}" if self.refused else ""
+        if self.skipped_special:
+            refused += f"\nSkipped, not regular files: {', '.join(self.skipped_special[:10])}"
         if self.missing:
             refused += f"\nMatched nothing on the instance: {', '.join(self.missing[:10])}"
         verb = "Uploaded" if self.direction == "upload" else "Downloaded"
@@ -324,6 +331,9 @@ class RunReceipt(BaseModel):
     results_dir: str | None = None
     result_files: int = 0
     missing_results: list[str] = Field(default_factory=list)
+    refused_results: list[str] = Field(
+        default_factory=list, description="Result files not written locally (unsafe, name too long, no room), why."
+    )
     destroyed: bool = Field(description="Every instance of the run is confirmed gone.")
     kept_instance_id: int | None = None
     error: str | None = None
@@ -405,6 +415,8 @@ def _receipt_words(r: RunReceipt) -> str:
     if r.results_dir is not None:
         missing = f"; not found on the instance: {', '.join(r.missing_results)}" if r.missing_results else ""
         lines.append(f"  results: {r.result_files} file(s) in {r.results_dir}{missing}")
+        if r.refused_results:
+            lines.append(f"  not written ({len(r.refused_results)}): {'; '.join(r.refused_results[:10])}")
     if r.error:
         lines.append(f"  problem: {r.error}")
     if r.kept_instance_id is not None:

@@ -42,6 +42,7 @@ from .remote.diagnose import SSHFailures
 from .remote.hostkeys import HostKeyStore
 from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
+from .remote.blocking import in_thread
 from .remote.transfer import TransferProgress, download, upload
 from .results import (
     CommandResult,
@@ -640,7 +641,7 @@ class Service:
         use_gitignore: bool,
         progress: Progress = _no_progress,
     ) -> TransferResult:
-        sources = [self.local_path(p, must_exist=True) for p in local_paths]
+        sources = await in_thread(lambda: [self.local_path(p, must_exist=True) for p in local_paths])
         host = await self.connected(instance_id)
 
         async def report(p: TransferProgress) -> None:
@@ -656,12 +657,13 @@ class Service:
             skipped_files=res.files_unchanged,
             seconds=round(res.seconds, 3),
             destination=f"instance {instance_id}:{res.remote_dir}",
+            skipped_special=res.skipped_special,
         )
 
     async def download(
         self, instance_id: int, remote_paths: list[str], local_dir: str, progress: Progress = _no_progress
     ) -> TransferResult:
-        dest = self.local_path(local_dir, must_exist=False)
+        dest = await in_thread(lambda: self.local_path(local_dir, must_exist=False))
         host = await self.connected(instance_id)
 
         async def report(p: TransferProgress) -> None:

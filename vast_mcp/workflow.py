@@ -656,6 +656,7 @@ class RunBook:
         if problem is None and run.exit_code not in (0, None):
             problem = f"The job exited with code {run.exit_code}; the end of its log is in the receipt."
         missing: list[str] = []
+        refused: list[str] = []
         files = 0
         results_dir: Path | None = None
         if spec.results and run.job_id is not None:
@@ -664,7 +665,7 @@ class RunBook:
             try:
                 with anyio.fail_after(TRANSFER_BOUND_S):
                     got = await service.download(iid, spec.remote_results(), str(results_dir))
-                files, missing = got.files, got.missing
+                files, missing, refused = got.files, got.missing, got.refused
             except (VastMCPError, TimeoutError) as exc:
                 note = f"The results could not be downloaded: {exc or 'no progress within the bound'}"
                 problem = f"{problem} {note}" if problem else note
@@ -676,7 +677,13 @@ class RunBook:
         else:
             await self._destroy(run, current)
         await self._finish(
-            run, "failed" if failed else "succeeded", problem, results_dir=results_dir, files=files, missing=missing
+            run,
+            "failed" if failed else "succeeded",
+            problem,
+            results_dir=results_dir,
+            files=files,
+            missing=missing,
+            refused=refused,
         )
 
     async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
@@ -744,6 +751,7 @@ class RunBook:
         results_dir: Path | None = None,
         files: int = 0,
         missing: list[str] | None = None,
+        refused: list[str] | None = None,
     ) -> None:
         """Make sure nothing of the run is left billing (unless kept), then write the receipt."""
         for t in run.tries:
@@ -766,6 +774,7 @@ class RunBook:
             results_dir=str(results_dir) if results_dir is not None else None,
             result_files=files,
             missing_results=missing or [],
+            refused_results=refused or [],
             destroyed=all(t.destroyed for t in run.tries if t.instance_id is not None),
             kept_instance_id=kept,
             error=error,

@@ -5,8 +5,11 @@ Everything here blocks (file I/O, hashing, compression) and runs in worker threa
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import stat
 import tarfile
 import zlib
@@ -45,27 +48,77 @@ class LocalEntry:
 class ScanResult:
     entries: list[LocalEntry]
     excluded: int
+    skipped: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: "name (kind)", never read
+
+
+# Opening a FIFO blocks until a writer appears, and a device can block or never end: uploads read regular files
+# only, opened without blocking and checked again once open (the path may have changed since the scan).
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_GITIGNORE_MAX = 1 << 20
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file that is not a regular file, folder or symlink is ("FIFO", "socket"...), else None."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """`path` opened for reading if it is a regular file (not through a symlink); OSError otherwise."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_gitignore(folder: Path) -> list[str]:
+    try:
+        with open_regular(folder / ".gitignore") as f:
+            return f.read(_GITIGNORE_MAX).decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def scan(sources: Sequence[Path], exclude: Sequence[str] = (), *, use_gitignore: bool = False) -> ScanResult:
-    """The entries to upload: each source lands under the destination by its own name, like `tar -C parent name`."""
+    """The entries to upload: each source lands under the destination by its own name, like `tar -C parent name`.
+
+    Only regular files, folders and symlinks are taken (by `lstat`, nothing is opened here); FIFOs, sockets and
+    devices are listed in `skipped` instead."""
     entries: list[LocalEntry] = []
+    skipped: list[str] = []
     excluded = 0
     for source in sources:
         top = source.name
         rules = IgnoreRules.from_lines(exclude)
         st = source.lstat()
-        if not stat.S_ISDIR(st.st_mode):
-            entries.append(_entry(top, source, st))
+        kind = special_kind(st.st_mode)
+        if kind is not None:
+            skipped.append(f"{top} ({kind})")
             continue
         entries.append(_entry(top, source, st))
+        if not stat.S_ISDIR(st.st_mode):
+            continue
         stack: list[tuple[Path, str, IgnoreRules]] = [(source, "", rules)]
         while stack:
             folder, rel, active = stack.pop()
             if use_gitignore:
-                gi = folder / ".gitignore"
-                if gi.is_file():
-                    active = active.extend(gi.read_text(encoding="utf-8", errors="replace").splitlines(), rel)
+                lines = _read_gitignore(folder)
+                if lines:
+                    active = active.extend(lines, rel)
             with os.scandir(folder) as it:
                 children = sorted(it, key=lambda e: e.name)
             for child in children:
@@ -75,10 +128,14 @@ def scan(sources: Sequence[Path], exclude: Sequence[str] = (), *, use_gitignore:
                     excluded += 1
                     continue
                 cst = child.stat(follow_symlinks=False)
+                kind = special_kind(cst.st_mode)
+                if kind is not None:
+                    skipped.append(f"{top}/{child_rel} ({kind})")
+                    continue
                 entries.append(_entry(f"{top}/{child_rel}", Path(child.path), cst))
-                if is_dir:
+                if stat.S_ISDIR(cst.st_mode):
                     stack.append((Path(child.path), child_rel + "/", active))
-    return ScanResult(entries, excluded)
+    return ScanResult(entries, excluded, skipped)
 
 
 def _entry(rel: str, path: Path, st: os.stat_result) -> LocalEntry:
@@ -98,7 +155,11 @@ def compressible(entry: LocalEntry) -> bool:
         return True
     raw = 0
     packed = 0
-    with open(entry.path, "rb") as f:
+    try:
+        f = open_regular(entry.path)
+    except OSError:
+        return False  # changed since the scan: sent raw, and reported by tar_chunks
+    with f:
         for offset in {0, max(0, entry.size // 2 - _SAMPLE // 2), max(0, entry.size - _SAMPLE)}:
             f.seek(offset)
             data = f.read(_SAMPLE)
@@ -143,7 +204,7 @@ def tar_chunks(entries: Sequence[LocalEntry], stats: TarStats, *, hash_files: bo
             digest = hashlib.sha256() if hash_files else None
             left = entry.size
             try:
-                with open(entry.path, "rb") as f:
+                with open_regular(entry.path) as f:
                     while left > 0:
                         data = f.read(min(CHUNK, left))
                         if not data:
@@ -208,21 +269,59 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
+FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free on the destination's disk, for everything else on it
+_HOLE = 64 * 1024
+_ZEROS = bytes(_HOLE)
+
+
+def _write_sparse(fd: int, data: bytes) -> None:
+    """Write `data` at the current offset, skipping (seeking over) every aligned block of zeros: the file system
+    leaves holes there, so a sparse file is not inflated on the way in."""
+    view = memoryview(data)
+    for start in range(0, len(view), _HOLE):
+        block = view[start : start + _HOLE]
+        if len(block) == _HOLE and block == _ZEROS:
+            os.lseek(fd, _HOLE, os.SEEK_CUR)
+            continue
+        while block:
+            written = os.write(fd, block)
+            block = block[written:]
+
+
+def _why(exc: OSError) -> str:
+    """A refused member's reason, in words (without the path, which the member's name already gives)."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the name is too long for the destination's file system"
+    if exc.errno == errno.ENOSPC:
+        return "the destination's disk is full"
+    return f"could not be written ({exc.strerror or exc})"
+
+
 class SafeExtractor:
     """Extracts a tar stream under `dest`, refusing anything that would land outside it.
 
     Refused: absolute names, `..`, links (symbolic or hard) whose target is outside `dest`, device files and
     FIFOs, and writes through a symlink that leaves `dest`. Symlinks are created only after every file is
     written (so no member can be written through one), and each is checked again once all exist, since a later
-    link can change where an earlier one resolves. Past `max_bytes` extraction stops with UnsafeArchiveError.
+    link can change where an earlier one resolves. A member that cannot be written (a name too long for the
+    file system, no room left for it) is refused and the rest lands. Runs of zeros become holes, so a sparse
+    file stays sparse. Past `max_bytes` extraction stops with UnsafeArchiveError.
     """
 
-    def __init__(self, dest: Path, *, max_bytes: int, on_file: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        dest: Path,
+        *,
+        max_bytes: int,
+        on_file: Callable[[int], None] | None = None,
+        reserve: int = FREE_SPACE_RESERVE,
+    ) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         self.dest = dest
         self.root = os.path.realpath(dest)
         self.max_bytes = max_bytes
         self.on_file = on_file
+        self.reserve = reserve
         self.report = ExtractReport()
         self._symlinks: list[tuple[str, str]] = []
         self._written: set[str] = set()
@@ -252,7 +351,11 @@ class SafeExtractor:
         # tell() and seek(), which a streaming source can offer for forward moves (all tarfile does here).
         with tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True) as tf:
             for member in tf:
-                self._member(tf, member)
+                try:
+                    self._member(tf, member)
+                except OSError as exc:
+                    # One member the file system will not take must not cost the others.
+                    self._refuse(member.name, _why(exc))
         self._place_symlinks()
         return self.report
 
@@ -283,10 +386,19 @@ class SafeExtractor:
             return
         if self.report.bytes + member.size > self.max_bytes:
             raise UnsafeArchiveError(
-                f"The download exceeds the size cap of {self.max_bytes} bytes at {member.name}; extraction stopped. "
-                "Download fewer files or raise the cap.",
+                f"The download exceeds the size cap of {self.max_bytes} bytes at {member.name}; extraction stopped "
+                f"after {self.report.files} files. Download fewer files, or pack them smaller on the instance.",
                 refused=[*self.report.refused, f"{member.name}: size cap reached"],
             )
+        free = shutil.disk_usage(self.root).free
+        if member.size > free - self.reserve:
+            # Judged by the apparent size: holes are only found while writing, and a full disk is worse.
+            self._refuse(
+                member.name,
+                f"{member.size} bytes do not fit: {max(free, 0)} bytes free on the destination's disk "
+                f"(keeping {self.reserve} free); free space there or download it elsewhere",
+            )
+            return
         try:
             existing = os.lstat(path).st_mode
         except FileNotFoundError:
@@ -299,14 +411,21 @@ class SafeExtractor:
         src = tf.extractfile(member)
         assert src is not None
         digest = hashlib.sha256()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, (member.mode & 0o755) | 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            while data := src.read(CHUNK):
-                digest.update(data)
-                out.write(data)
-            if existing:
-                os.chmod(fd, (member.mode & 0o755) | 0o600)  # O_CREAT's mode only applies to new files
-            os.utime(fd, (member.mtime, member.mtime))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(path, flags, (member.mode & 0o755) | 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                while data := src.read(CHUNK):
+                    digest.update(data)
+                    _write_sparse(out.fileno(), data)
+                os.ftruncate(fd, member.size)  # a trailing hole still counts in the size
+                if existing:
+                    os.chmod(fd, (member.mode & 0o755) | 0o600)  # O_CREAT's mode only applies to new files
+                os.utime(fd, (member.mtime, member.mtime))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # no partial file is left behind
+            raise
         self.report.files += 1
         self.report.bytes += member.size
         self.report.hashes[rel] = digest.hexdigest()
@@ -325,7 +444,7 @@ class SafeExtractor:
             return
         if os.path.lexists(path):
             os.unlink(path)
-        os.link(os.path.join(self.root, target), path, follow_symlinks=False)
+        os.link(os.path.join(self.root, target), path, follow_symlinks=False)  # OSError: refused by extract()
         self.report.files += 1
         self._written.add(rel)
         self.report.hashes[rel] = self.report.hashes[target]
@@ -333,20 +452,29 @@ class SafeExtractor:
     def _place_symlinks(self) -> None:
         placed: list[tuple[str, str]] = []
         for rel, link in self._symlinks:
-            path = self._target(rel)
-            if path is None or os.path.isabs(link):
-                self._refuse(rel, f"symlink to {link!r} points outside the destination")
-                continue
-            if not _inside(self.root, os.path.realpath(os.path.join(os.path.dirname(path), link))):
-                self._refuse(rel, f"symlink to {link!r} points outside the destination")
-                continue
-            if os.path.lexists(path):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    self._refuse(rel, "symlink would replace a folder")
-                    continue
-                os.unlink(path)
-            os.symlink(link, path)
-            placed.append((rel, path))
+            try:
+                self._place_symlink(rel, link, placed)
+            except OSError as exc:
+                self._refuse(rel, _why(exc))
+        self._recheck(placed)
+
+    def _place_symlink(self, rel: str, link: str, placed: list[tuple[str, str]]) -> None:
+        path = self._target(rel)
+        if path is None or os.path.isabs(link):
+            self._refuse(rel, f"symlink to {link!r} points outside the destination")
+            return
+        if not _inside(self.root, os.path.realpath(os.path.join(os.path.dirname(path), link))):
+            self._refuse(rel, f"symlink to {link!r} points outside the destination")
+            return
+        if os.path.lexists(path):
+            if os.path.isdir(path) and not os.path.islink(path):
+                self._refuse(rel, "symlink would replace a folder")
+                return
+            os.unlink(path)
+        os.symlink(link, path)
+        placed.append((rel, path))
+
+    def _recheck(self, placed: list[tuple[str, str]]) -> None:
         # A link placed later can redirect one placed earlier (a -> b/.., then b -> .); recheck until stable.
         changed = True
         while changed:

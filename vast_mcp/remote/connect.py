@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import asyncssh
 
-from ..errors import HostKeyChangedError, RemoteCommandError, SSHUnavailableError
+from ..errors import HostKeyChangedError, RemoteCommandError, SSHUnavailableError, VastMCPError
 from .hostkeys import HostKeyStore, PinnedKey, fingerprint, key_line
 from .keys import ClientKey
 from .output import CappedBuffer
@@ -48,6 +48,53 @@ _DROPPED = (
     ConnectionResetError,
     EOFError,
 )
+# What a connection that failed under an operation can raise, besides our own errors: never shown to the agent.
+_TRANSPORT = (asyncssh.Error, OSError, EOFError)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _dropped(target: SSHTarget, what: str, exc: BaseException) -> SSHUnavailableError:
+    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return SSHUnavailableError(
+        f"The SSH connection to instance {target.name} ({target.address}) was lost during {what} ({why}). "
+        "If the instance stopped or was destroyed, list_instances says so; otherwise call again: the connection "
+        "is reopened.",
+        stage="ssh",
+    )
+
+
+TRANSPORT_OR_GROUP = (*_TRANSPORT, BaseExceptionGroup)
+
+
+def split_failure(exc: BaseException) -> tuple[VastMCPError | None, BaseException | None]:
+    """(our own error, a transport failure) found in `exc` or, for a task group's, in its leaves. Our own error
+    says more, so callers raise it when there is one."""
+    leaves = list(_leaves(exc))
+    ours = next((e for e in leaves if isinstance(e, VastMCPError)), None)
+    lost = next((e for e in leaves if isinstance(e, _TRANSPORT)), None)
+    return ours, lost
+
+
+@contextmanager
+def remote_errors(target: SSHTarget, what: str) -> Iterator[None]:
+    """Exceptions of asyncssh and the OS, bare or inside task groups, as errors of our own hierarchy; a group
+    of anything else (cancellation) goes on unchanged."""
+    try:
+        yield
+    except TRANSPORT_OR_GROUP as exc:
+        ours, lost = split_failure(exc)
+        if ours is not None:
+            raise ours from None
+        if lost is None:
+            raise
+        raise _dropped(target, what, lost) from None
 
 
 @dataclass(frozen=True)
@@ -304,12 +351,12 @@ class RemoteHost:
             conn = await self.connection()
             try:
                 return await conn.create_process(command, **kwargs)
-            except asyncssh.ChannelOpenError:
+            except asyncssh.ChannelOpenError as exc:
                 if conn.is_closed() or self._lost:
                     attempt += 1
                     self._lost = True
                     if attempt >= 2:
-                        raise
+                        raise _dropped(self.target, f"the start of `{_short(command)}`", exc) from None
                     continue
                 if time.monotonic() + delay > deadline:
                     raise RemoteCommandError(
@@ -319,11 +366,11 @@ class RemoteHost:
                     ) from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-            except _DROPPED:
+            except _DROPPED as exc:
                 attempt += 1
                 self._lost = True
                 if attempt >= 2:
-                    raise
+                    raise _dropped(self.target, f"the start of `{_short(command)}`", exc) from None
 
     @asynccontextmanager
     async def channel(self, command: str, **kwargs: Any) -> AsyncIterator[asyncssh.SSHClientProcess[Any]]:
@@ -408,10 +455,20 @@ class RemoteHost:
                         tg.start_soon(_pump, proc.stderr, err)
                     await proc.wait()
                     timed_out = False
-            except _DROPPED as exc:
-                raise RemoteCommandError(
-                    f"The connection to {self.target.address} dropped while `{_short(command)}` ran ({exc}); "
-                    "it may or may not have finished. Check its effects before running it again."
+            except TRANSPORT_OR_GROUP as exc:
+                # The pumps run in a task group: a connection lost under them arrives as a group.
+                ours, lost = split_failure(exc)
+                if ours is not None:
+                    raise ours from None
+                if lost is None:
+                    raise
+                self._lost = True
+                raise SSHUnavailableError(
+                    f"The SSH connection to instance {self.target.name} ({self.target.address}) was lost while "
+                    f"`{_short(command)}` ran ({type(lost).__name__}: {lost}); it may or may not have finished. "
+                    "If the instance stopped or was destroyed, list_instances says so; otherwise check the "
+                    "command's effects before running it again.",
+                    stage="ssh",
                 ) from None
             finally:
                 if timed_out:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from ..errors import JobNotFoundError, RemoteCommandError
 from .connect import RemoteHost
+from .words import remote_path_word
 
 JobState = Literal["running", "exited", "killed", "lost"]
 
@@ -171,7 +172,8 @@ async def start_job(
         lines.append(f"{name}={shlex.quote(value)}")
     if env:
         lines.append("set +a")
-    lines.append(f"cd {shlex.quote(cwd)} || exit 126" if cwd else 'cd "$HOME"')
+    # A folder named `-P` or `-` is still a folder, not an option of cd.
+    lines.append(f"cd {remote_path_word(cwd)} || exit 126" if cwd else 'cd "$HOME"')
     lines.append(command)
     script = _START % {"id": shlex.quote(job_id), "jobs": JOBS_DIR, "command": shlex.quote(command)}
     await host.check(script + "\n" + _STATE + "state\n" + _REPORT, stdin=("\n".join(lines) + "\n").encode())

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.from_thread
-import anyio.to_thread
+import anyio.lowlevel
 import asyncssh
 
 from ..errors import RemoteCommandError, TransferError, UnsafeArchiveError
@@ -36,7 +36,10 @@ from .archive import (
     scan,
     tar_chunks,
 )
-from .connect import BULK_WINDOW, RemoteHost
+from .blocking import in_thread
+from .connect import BULK_WINDOW, TRANSPORT_OR_GROUP, RemoteHost, remote_errors, split_failure
+from .words import glob_word as glob_word
+from .words import remote_path_word as remote_path_word
 
 Compression = Literal["auto", "never", "always"]
 ProgressCallback = Callable[["TransferProgress"], Awaitable[None] | None]
@@ -46,7 +49,7 @@ SLOW_LINK = 30e6  # bytes/s: below this, the best ratio wins; in between, the fa
 _PROBE_BYTES = 4 * 1024 * 1024
 _WORTH_PROBING = 16 * 1024 * 1024  # smaller uploads finish before compression could pay back a probe
 _PROGRESS_EVERY = 0.1
-DEFAULT_MAX_DOWNLOAD = 100 * 1024**3
+DEFAULT_MAX_DOWNLOAD = 20 * 1024**3  # and never more than the destination's free space (unpack.py)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class UploadResult:
     compression: str  # "none", or "gzip-<level>" for the compressible part
     verified: str  # what was checked after the upload: "size+mtime" or "sha256"
     changed_while_sending: list[str] = field(default_factory=list)
+    skipped_special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: never read, never sent
 
     def summary(self) -> str:
         mb = self.bytes_sent / 1e6
@@ -80,6 +84,7 @@ class UploadResult:
             f"uploaded {self.files_sent} of {self.files_total} files ({mb:.1f} MB, {self.wire_bytes / 1e6:.1f} MB on "
             f"the wire, {self.compression}) to {self.remote_dir} in {self.seconds:.1f}s; "
             f"{self.files_unchanged} unchanged, {self.excluded} excluded; verified by {self.verified}"
+            + (f"; skipped (not regular files): {', '.join(self.skipped_special[:10])}" if self.skipped_special else "")
         )
 
 
@@ -104,42 +109,10 @@ class DownloadResult:
         if self.mismatched:
             parts.append(f"{len(self.mismatched)} changed during the download: {', '.join(self.mismatched[:5])}")
         if self.refused:
-            parts.append(f"{len(self.refused)} refused as unsafe: {'; '.join(self.refused[:5])}")
+            parts.append(f"{len(self.refused)} refused: {'; '.join(self.refused[:5])}")
         if self.missing:
             parts.append(f"not found: {', '.join(self.missing)}")
         return "; ".join(parts)
-
-
-def remote_path_word(path: str) -> str:
-    """A shell word for a remote path, with `~` and `~/...` meaning the login's home."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
-def glob_word(pattern: str) -> str:
-    """A shell word that expands `*`, `?` and simple `[...]` classes but nothing else (no `$`, backticks, ...)."""
-    out: list[str] = []
-    literal = ""
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        m = re.match(r"\[!?[A-Za-z0-9._-]+\]", pattern[i:]) if c == "[" else None
-        if c in "*?" or m:
-            if literal:
-                out.append(shlex.quote(literal))
-                literal = ""
-            token = m.group(0) if m else c
-            out.append(token)
-            i += len(token)
-        else:
-            literal += c
-            i += 1
-    if literal:
-        out.append(shlex.quote(literal))
-    return "".join(out)
 
 
 class _Progress:
@@ -280,11 +253,25 @@ async def upload(
     `exclude` takes `.gitignore` syntax (`*.pyc`, `data/`, `/build`, `**/tmp`, `!keep.txt`); `use_gitignore`
     also applies the `.gitignore` files found in the uploaded folders. Files whose size and mtime already match
     on the instance are not sent. Afterwards the instance's copy is checked: sizes and mtimes always, and
-    SHA-256 of every sent file with `checksums`.
+    SHA-256 of every sent file with `checksums`. FIFOs, sockets and devices are skipped and listed.
     """
+    with remote_errors(host.target, "the upload"):
+        return await _upload(host, sources, remote_dir, exclude, use_gitignore, compression, checksums, on_progress)
+
+
+async def _upload(
+    host: RemoteHost,
+    sources: Sequence[Path],
+    remote_dir: str,
+    exclude: Sequence[str],
+    use_gitignore: bool,
+    compression: Compression,
+    checksums: bool,
+    on_progress: ProgressCallback | None,
+) -> UploadResult:
     started = time.monotonic()
     paths = [Path(s) for s in sources]
-    scanned = await anyio.to_thread.run_sync(lambda: _scan_sources(paths, exclude, use_gitignore))
+    scanned = await in_thread(lambda: _scan_sources(paths, exclude, use_gitignore))
     entries = scanned.entries
     files = [e for e in entries if e.kind == "file"]
     tops = sorted({e.rel.split("/", 1)[0] for e in entries})
@@ -318,6 +305,7 @@ async def upload(
         compression=label,
         verified="sha256" if checksums else "size+mtime",
         changed_while_sending=changed,
+        skipped_special=scanned.skipped,
     )
 
 
@@ -346,7 +334,7 @@ async def _plan(
     if level == 0:
         # Two raw lanes: the instance unpacks the many small files while the big ones stream.
         return [lane for lane in (_Lane(rest, 0), _Lane(big, 0)) if lane.entries], "none"
-    verdicts = await anyio.to_thread.run_sync(lambda: [compressible(e) for e in big])
+    verdicts = await in_thread(lambda: [compressible(e) for e in big])
     packed = [e for e, ok in zip(big, verdicts, strict=True) if ok]
     raw = [e for e, ok in zip(big, verdicts, strict=True) if not ok]
     lanes = [lane for lane in (_Lane(rest + packed, level), _Lane(raw, 0)) if lane.entries]
@@ -369,7 +357,8 @@ async def _send_lane(host: RemoteHost, remote_dir: str, lane: _Lane, hash_files:
     # `-o` is --no-same-owner on extraction for GNU tar and BusyBox alike (BusyBox has no long form).
     unpack = "gzip -dc | tar -x -o -f -" if lane.level else "tar -x -o -f -"
     dest = remote_path_word(remote_dir)
-    async with host.channel(f"mkdir -p {dest} && cd {dest} && {unpack}", encoding=None, window=BULK_WINDOW) as proc:
+    command = f"mkdir -p -- {dest} && cd {dest} && {unpack}"
+    async with host.channel(command, encoding=None, window=BULK_WINDOW) as proc:
         await _send_lane_on(proc, lane, hash_files, progress, remote_dir)
 
 
@@ -378,12 +367,13 @@ async def _send_lane_on(
 ) -> None:
     send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](4)
     started = time.monotonic()
+    token = anyio.lowlevel.current_token()
 
     def produce() -> None:
         with send:
             for content, chunk in tar_chunks(lane.entries, lane.stats, hash_files=hash_files):
                 data = gzip_member(chunk, lane.level) if lane.level else chunk
-                anyio.from_thread.run(send.send, (content, data))
+                anyio.from_thread.run(send.send, (content, data), token=token)
 
     errors = bytearray()
 
@@ -408,9 +398,15 @@ async def _send_lane_on(
                     await progress.report()
             proc.stdin.write_eof()
             await proc.wait()
-    except (OSError, RemoteCommandError) as exc:
+    except TRANSPORT_OR_GROUP as exc:
+        ours, lost = split_failure(exc)
+        if ours is not None:
+            raise ours from None
+        if lost is None:
+            raise
         raise TransferError(
-            f"The upload to {remote_dir} was cut off ({exc}). Run it again: only what is missing or different is sent."
+            f"The upload to {remote_dir} was cut off ({type(lost).__name__}: {lost}). Run it again: only what is "
+            "missing or different is sent."
         ) from None
     finally:
         proc.close()
@@ -424,7 +420,8 @@ async def _send_lane_on(
 
 
 async def _run_producer(produce: Callable[[], None]) -> None:
-    await anyio.to_thread.run_sync(produce)
+    # Reading local files can block (a hung mount): a cancelled upload walks away from the thread.
+    await in_thread(produce, name="vast-mcp upload reader")
 
 
 async def _verify_upload(
@@ -531,8 +528,37 @@ async def download(
     on_progress: ProgressCallback | None = None,
 ) -> DownloadResult:
     """Fetch remote files or folders (globs allowed in the last part; relative paths start at the home) into
-    `local_dir`, each under its own name. Unsafe members are refused and listed; every file's SHA-256 is
-    compared with the instance's."""
+    `local_dir`, each under its own name. Unsafe members, and members the local disk cannot take (a name too
+    long, no room), are refused and listed while the rest lands; every file's SHA-256 is compared with the
+    instance's."""
+    with remote_errors(host.target, "the download"):
+        return await _download(host, remote_paths, local_dir, max_bytes, compression, on_progress)
+
+
+def _pack_script(groups: list[tuple[str, str]]) -> str:
+    """tar of every group to stdout; a group that matches nothing is named on stderr by its index (not by its
+    path, which may hold any character, a newline included)."""
+    parts = []
+    for k, (folder, glob) in enumerate(groups):
+        gone = f"printf '{_MISSING_MARK}%s\\n' {k} >&2"
+        parts.append(
+            f"(cd {remote_path_word(folder)} 2>/dev/null || {{ {gone}; exit 0; }}; set -- ./{glob_word(glob)}; "
+            f'if [ -e "$1" ] || [ -L "$1" ]; then tar -c -f - -- "$@"; else {gone}; fi)'
+        )
+    return "; ".join(parts)
+
+
+_MISSING_MARK = "vast-mcp-missing "
+
+
+async def _download(
+    host: RemoteHost,
+    remote_paths: Sequence[str],
+    local_dir: Path,
+    max_bytes: int,
+    compression: Compression,
+    on_progress: ProgressCallback | None,
+) -> DownloadResult:
     started = time.monotonic()
     if not remote_paths:
         raise TransferError("Name at least one remote path to download.")
@@ -543,7 +569,7 @@ async def download(
     elif compression == "auto":
         rate = await link_rate(host)
         level = 0 if rate >= FAST_LINK else 1 if rate >= SLOW_LINK else 6
-    pack = "; ".join(f"(cd {remote_path_word(d)} && tar -c -f - -- ./{glob_word(g)})" for d, g in groups)
+    pack = _pack_script(groups)
     # Python where the image has it (faster), else sha256sum with or without -z.
     sums = "; ".join(
         f"(cd {remote_path_word(d)} && {{ py=$(command -v python3 || command -v python); "
@@ -563,7 +589,7 @@ async def download(
     compressor = {"raw": "", "gzip": f" | gzip -c -{level}", "zstd": f" | zstd -c -q -T0 -{zlevel}"}
     command = f"{{ {pack}; }}{compressor[codec]}"
     progress = _Progress(on_progress, "download")
-    dest = await anyio.to_thread.run_sync(lambda: Path(local_dir).expanduser().absolute())
+    dest = await in_thread(lambda: Path(local_dir).expanduser().absolute())
     errors = bytearray()
     manifest: dict[str, str] = {}
     report: dict[str, Any] = {}
@@ -613,8 +639,13 @@ async def download(
                 await pump()
                 await proc.wait()
             exit_status = proc.exit_status
-    except (OSError, RemoteCommandError) as exc:
-        raise TransferError(f"The download was cut off ({exc}). Download again.") from None
+    except TRANSPORT_OR_GROUP as exc:
+        ours, lost = split_failure(exc)
+        if ours is not None:
+            raise ours from None
+        if lost is None:
+            raise
+        raise TransferError(f"The download was cut off ({type(lost).__name__}: {lost}). Download again.") from None
     files_hashes: dict[str, str] = report.get("hashes", {})
     refused: list[str] = report.get("refused", [])
     if report.get("error"):
@@ -623,8 +654,8 @@ async def download(
     progress.files = int(report.get("files", 0))
     await progress.report(final=True)
     stderr = errors.decode("utf-8", "replace")
-    missing = sorted(set(re.findall(r"tar: \./(.+?): Cannot stat: No such file or directory", stderr)))
-    missing += [d for d, _ in groups if f"can't cd to {d}" in stderr or f"cd: {d}" in stderr]
+    gone = {int(k) for k in re.findall(rf"{_MISSING_MARK}(\d+)", stderr) if int(k) < len(remote_paths)}
+    missing = [p for k, p in enumerate(remote_paths) if k in gone]
     if exit_status not in (0, None) and not missing and not files_hashes:
         raise TransferError(f"Packing on the instance failed (exit {exit_status}): {stderr.strip()[-1500:]}")
     verified = [n for n, digest in files_hashes.items() if manifest.get(n) == digest]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 import zlib
 from pathlib import Path
 from typing import IO
@@ -88,8 +89,13 @@ def main(argv: list[str]) -> int:
         inflater = subprocess.Popen(["zstd", "-dcq"], stdin=sys.stdin.fileno(), stdout=subprocess.PIPE)
         assert inflater.stdout is not None
         source = inflater.stdout
+    reader = ForwardReader(source, gzip=mode == "gzip")
     try:
-        extractor.extract(ForwardReader(source, gzip=mode == "gzip"))  # type: ignore[arg-type]
+        extractor.extract(reader)  # type: ignore[arg-type]
+    except tarfile.ReadError:
+        if reader.tell() > 0:
+            error = "the archive could not be read: the instance sent something that is not a tar stream"
+        # Nothing at all: every requested path matched nothing (the caller hears which from the instance).
     except UnsafeArchiveError as exc:
         error = str(exc)
         extractor.report.refused = exc.refused
