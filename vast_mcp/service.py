@@ -37,12 +37,12 @@ from .errors import (
 from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
 from .lifecycle import spawn_reaper
 from .reaper import ReapReport, destroy_confirmed, destroy_row, find_by_label, reap_dead_sessions, reap_session
+from .remote.blocking import in_thread
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.diagnose import SSHFailures
 from .remote.hostkeys import HostKeyStore
 from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
-from .remote.blocking import in_thread
 from .remote.transfer import TransferProgress, download, upload
 from .results import (
     CommandResult,

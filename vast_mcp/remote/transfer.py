@@ -25,7 +25,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import asyncssh
 
-from ..errors import RemoteCommandError, TransferError, UnsafeArchiveError
+from ..errors import TransferError, UnsafeArchiveError
 from .archive import (
     SMALL_FILE,
     LocalEntry,
