@@ -139,7 +139,7 @@ async def test_download_globs_and_missing(remote: RemoteHost, tmp_path: Path, in
     res = await download(remote, ["/root/out/*.pt", "out/c.txt", "~/nothing-here"], tmp_path / "dl")
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["a.pt", "b.pt", "c.txt", "it's $(odd).pt"]
     assert res.verified == 4
-    assert res.missing == ["nothing-here"]
+    assert res.missing == ["~/nothing-here"], "a missing path is named as it was asked for"
 
 
 async def test_upload_of_a_missing_source(remote: RemoteHost, tmp_path: Path) -> None:
