@@ -249,6 +249,7 @@ def gzip_member(data: bytes, level: int) -> bytes:
 
 @dataclass
 class ExtractReport:
+    members: int = 0
     files: int = 0
     bytes: int = 0
     hashes: dict[str, str] = field(default_factory=dict)
@@ -351,6 +352,7 @@ class SafeExtractor:
         # tell() and seek(), which a streaming source can offer for forward moves (all tarfile does here).
         with tarfile.open(fileobj=fileobj, mode="r:", ignore_zeros=True) as tf:
             for member in tf:
+                self.report.members += 1
                 try:
                     self._member(tf, member)
                 except OSError as exc:

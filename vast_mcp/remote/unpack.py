@@ -28,6 +28,7 @@ class ForwardReader:
         self._off = 0
         self._pos = 0
         self._eof = False
+        self.saw_data = False  # any byte but NUL: a stream of zero blocks alone is an empty archive
         self._inflate = zlib.decompressobj(31) if gzip else None
 
     def _next(self) -> bytes:
@@ -37,6 +38,7 @@ class ForwardReader:
                 self._eof = True
                 return b""
             if self._inflate is None:
+                self._saw(data)
                 return data
             out = []
             while data:
@@ -47,8 +49,13 @@ class ForwardReader:
                     data = self._inflate.unused_data
                     self._inflate = zlib.decompressobj(31)
             if joined := b"".join(out):
+                self._saw(joined)
                 return joined
         return b""
+
+    def _saw(self, data: bytes) -> None:
+        if not self.saw_data and data.count(0) != len(data):
+            self.saw_data = True
 
     def read(self, n: int = -1) -> bytes:
         # Slices of the received chunks, never a growing buffer that is copied on every read.
@@ -92,9 +99,9 @@ def main(argv: list[str]) -> int:
     reader = ForwardReader(source, gzip=mode == "gzip")
     try:
         extractor.extract(reader)  # type: ignore[arg-type]
-    except tarfile.ReadError:
-        if reader.tell() > 0:
-            error = "the archive could not be read: the instance sent something that is not a tar stream"
+    except tarfile.ReadError as exc:
+        if reader.saw_data:
+            error = f"the archive could not be read ({exc})"
         # Nothing at all: every requested path matched nothing (the caller hears which from the instance).
     except UnsafeArchiveError as exc:
         error = str(exc)
@@ -102,6 +109,11 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # any failure must still reach the parent as a report, not as a broken pipe
         error = f"the archive could not be read: {exc}"
     r = extractor.report
+    if not error and reader.saw_data and r.members == 0:
+        error = (
+            "the instance sent something that is not a tar stream (its shell start-up files or its `tar` may "
+            "print to stdout); check with run_command, e.g. `tar -c -f - some-file | head -c 300 | od -c`"
+        )
     json.dump(
         {"files": r.files, "bytes": r.bytes, "hashes": r.hashes, "refused": r.refused, "error": error},
         sys.stdout,

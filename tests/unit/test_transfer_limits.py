@@ -1,0 +1,110 @@
+"""Limits of the local side of transfers: free space, members the file system refuses, holes, empty streams,
+and blocking file work that a cancelled caller walks away from."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from vast_mcp.remote.archive import SafeExtractor, open_regular, scan
+from vast_mcp.remote.blocking import in_thread
+
+
+def archive(*members: tuple[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_member_that_does_not_fit_the_free_space_is_refused_and_the_rest_lands(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    free = shutil.disk_usage(dest).free
+    # Keep all but 100 KB of the disk free: a 1 MB member cannot fit, a small one can.
+    ex = SafeExtractor(dest, max_bytes=1 << 40, reserve=free - 100_000)
+    report = ex.extract(io.BytesIO(archive(("big.bin", b"b" * 1_000_000), ("small.txt", b"small"))))
+    assert sorted(p.name for p in dest.iterdir()) == ["small.txt"]
+    assert len(report.refused) == 1 and report.refused[0].startswith("big.bin: 1000000 bytes do not fit")
+    assert report.files == 1
+
+
+def test_names_too_long_are_refused_one_by_one(tmp_path: Path) -> None:
+    long = "x" * 300
+    data = archive(("a.txt", b"a"), (f"{long}.txt", b"long"), (f"{long}/inner.txt", b"deep"), ("z.txt", b"z"))
+    report = SafeExtractor(tmp_path / "d", max_bytes=1 << 30).extract(io.BytesIO(data))
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.txt", "z.txt"]
+    assert len(report.refused) == 2
+    assert all("too long" in r for r in report.refused)
+
+
+def test_zeros_become_holes(tmp_path: Path) -> None:
+    size = 64 * 1024 * 40
+    data = archive(("sparse.bin", bytes(size) + b"tail"), ("zeros.bin", bytes(size)))
+    SafeExtractor(tmp_path / "d", max_bytes=1 << 30).extract(io.BytesIO(data))
+    for name, length in (("sparse.bin", size + 4), ("zeros.bin", size)):
+        st = (tmp_path / "d" / name).stat()
+        assert st.st_size == length
+        assert st.st_blocks * 512 < size // 4, f"{name} takes {st.st_blocks * 512} bytes on disk"
+    assert (tmp_path / "d" / "sparse.bin").read_bytes() == bytes(size) + b"tail"
+
+
+def test_an_empty_stream_is_an_empty_download_not_an_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vast_mcp.remote.unpack", str(tmp_path / "d"), "1000", "raw"],
+        input=b"",
+        capture_output=True,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["error"] == "" and report["files"] == 0
+    garbage = subprocess.run(
+        [sys.executable, "-m", "vast_mcp.remote.unpack", str(tmp_path / "e"), "1000", "raw"],
+        input=b"<html>not a tar</html>" * 100,
+        capture_output=True,
+        check=True,
+    )
+    assert "not a tar stream" in json.loads(garbage.stdout)["error"]
+
+
+def test_special_files_are_never_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError, match="not a regular file"):
+        open_regular(tmp_path / "pipe")  # returns at once: opened without blocking, then refused
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "dir" / "p")
+    found = scan([tmp_path / "dir", tmp_path / "pipe"])
+    assert [e.rel for e in found.entries] == ["dir"]
+    assert found.skipped == ["dir/p (FIFO)", "pipe (FIFO)"]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_walks_away_from_blocked_file_work(tmp_path: Path) -> None:
+    """A blocking open of a FIFO without a writer never returns; the caller's bound still holds."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    with anyio.move_on_after(0.5) as bound:
+        await in_thread(lambda: pipe.read_bytes())
+    assert bound.cancelled_caught
+    # Let the abandoned thread finish (a writer appears), so it does not outlive the test.
+    fd = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+    os.close(fd)
+
+
+@pytest.mark.anyio
+async def test_results_and_errors_come_back_from_the_thread() -> None:
+    assert await in_thread(lambda: 6 * 7) == 42
+    with pytest.raises(ZeroDivisionError):
+        await in_thread(lambda: 1 // 0)
