@@ -10,13 +10,17 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vast_mcp.remote.archive import SafeExtractor, open_regular, scan
 from vast_mcp.remote.blocking import in_thread
+from vast_mcp.remote.words import remote_path_word
 
 
 def archive(*members: tuple[str, bytes]) -> bytes:
@@ -108,3 +112,45 @@ async def test_results_and_errors_come_back_from_the_thread() -> None:
     assert await in_thread(lambda: 6 * 7) == 42
     with pytest.raises(ZeroDivisionError):
         await in_thread(lambda: 1 // 0)
+
+
+names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(names)
+def test_a_remote_path_is_one_word_that_is_never_an_option(path: str) -> None:
+    word = remote_path_word(path)
+    printed = subprocess.run(
+        ["sh", "-c", f"printf '%s' {word}"], env={"HOME": "/home/x", "PATH": os.defpath}, capture_output=True
+    ).stdout.decode("utf-8", "surrogateescape")
+    assert not printed.startswith("-")
+    if path == "~":
+        assert printed == "/home/x"
+    elif path.startswith("~/"):
+        assert printed == "/home/x/" + path[2:]
+    elif path.startswith("/"):
+        assert printed == path
+    else:
+        assert printed == "./" + path
+
+
+member_names = st.lists(
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"), min_size=1, max_size=300),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(member_names)
+def test_any_member_name_lands_inside_or_is_refused_with_a_reason(tmp_path: Path, names: list[str]) -> None:
+    box = Path(tempfile.mkdtemp(dir=tmp_path))
+    dest = box / "dest"
+    data = archive(*((name, b"x") for name in names))
+    report = SafeExtractor(dest, max_bytes=1 << 20).extract(io.BytesIO(data))
+    assert sorted(p.name for p in box.iterdir()) == ["dest"], "nothing lands outside the destination"
+    assert report.members == len(names)
+    assert all(": " in r for r in report.refused)
+    landed = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert landed == set(report.hashes), "every file that landed is accounted for, and only those"
