@@ -198,3 +198,23 @@ async def test_connection_lost_under_an_upload_is_our_error(
     error = await raised_while(cut_soon, lambda: upload(remote, [tmp_path / "big.bin"], "~/up", compression="never"))
     assert isinstance(error, (TransferError, SSHUnavailableError)), repr(error)
     assert "again" in str(error)
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_a_transfer_stuck_on_the_instance_ends_at_its_callers_bound(
+    remote: RemoteHost, tmp_path: Path, direction: str
+) -> None:
+    """The instance's tar never reads (or never writes): the caller's bound still ends the call at once."""
+    (tmp_path / "big.bin").write_bytes(os.urandom(32 * 1024 * 1024))
+    os.mkfifo(tmp_path / "pipe")
+    await remote.check(
+        "mkdir -p out && echo x > out/a && { echo 'tar() { sleep 3600; }'; cat ~/.bashrc 2>/dev/null; } > ~/.b "
+        "&& mv ~/.b ~/.bashrc"
+    )
+    with anyio.fail_after(BOUND_S):
+        with anyio.move_on_after(3) as bound:
+            if direction == "upload":
+                await upload(remote, [tmp_path / "big.bin", tmp_path / "pipe"], "~/up", compression="never")
+            else:
+                await download(remote, ["out"], tmp_path / "dl")
+    assert bound.cancelled_caught, f"the {direction} finished although the instance's tar hangs"
