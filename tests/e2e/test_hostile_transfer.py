@@ -174,3 +174,25 @@ async def test_connection_lost_under_tail_log_says_what_happened(rig: Rig) -> No
     assert "list_instances" in text, text
     again = await rig.ok("tail_log", {"instance_id": rig.iid, "job_id": job["job_id"], "cursor": 0})
     assert again["state"] == "running", "the next call reconnects"
+
+
+async def test_refused_result_files_are_in_the_run_receipt(rig: Rig, tmp_path: Path) -> None:
+    long = "n" * 300
+    crafted = forged_tar(("./out/ok.txt", b"fine\n"), (f"./out/{long}", b"x"), ("./out/z.txt", b"z\n"))
+    command = (
+        f"mkdir -p out && echo fine > out/ok.txt && echo z > out/z.txt && "
+        f"{{ echo 'tar() {{ echo {crafted} | base64 -d; }}'; cat ~/.bashrc 2>/dev/null; }} > ~/.b && mv ~/.b ~/.bashrc"
+    )
+    args = {"command": command, "max_runtime_hours": 1, "disk_gb": 16, "max_dph": 100, "results": ["out"]}
+    started = await rig.ok("run_job", args)
+    assert started["status"] == "running", started
+    view: dict[str, Any] = {}
+    with anyio.fail_after(BOUND_S * 3):
+        while view.get("status") in (None, "running"):
+            view = await rig.ok("run_status", {"run_id": started["run_id"], "wait_s": 20})
+    receipt = view["receipt"]
+    assert view["status"] == "succeeded", view
+    assert receipt["result_files"] == 2 and receipt["destroyed"]
+    [refused] = receipt["refused_results"]
+    assert long in refused and "too long" in refused
+    assert sorted(p.name for p in (Path(receipt["results_dir"]) / "out").iterdir()) == ["ok.txt", "z.txt"]
