@@ -400,13 +400,14 @@ class RemoteHost:
         time_limit: float = 60.0,
         output_cap: int = 64 * 1024,
         stdin: bytes | None = None,
+        what: str | None = None,
     ) -> ExecResult:
         """Run `command` in the login shell. On timeout its whole process group is killed.
 
         `output_cap` bounds each of stdout and stderr: beyond it the middle is cut (the head and the end, where
         errors usually are, are kept) and the number of cut bytes is reported.
         """
-        raw = await self.run_bytes(command, time_limit=time_limit, output_cap=output_cap, stdin=stdin)
+        raw = await self.run_bytes(command, time_limit=time_limit, output_cap=output_cap, stdin=stdin, what=what)
         return ExecResult(
             command=command,
             exit_code=raw.exit_code,
@@ -426,8 +427,11 @@ class RemoteHost:
         time_limit: float = 60.0,
         output_cap: int = 64 * 1024,
         stdin: bytes | None = None,
+        what: str | None = None,
     ) -> RawResult:
-        """`run`, with stdout and stderr kept as bytes (for callers that count bytes, like log cursors)."""
+        """`run`, with stdout and stderr kept as bytes (for callers that count bytes, like log cursors).
+
+        `what` names the command in errors (an internal script's text would say nothing to the agent)."""
         started = time.monotonic()
         out = CappedBuffer(output_cap)
         err = CappedBuffer(output_cap)
@@ -465,7 +469,8 @@ class RemoteHost:
                 self._lost = True
                 raise SSHUnavailableError(
                     f"The SSH connection to instance {self.target.name} ({self.target.address}) was lost while "
-                    f"`{_short(command)}` ran ({type(lost).__name__}: {lost}); it may or may not have finished. "
+                    f"{what or f'`{_short(command)}` ran'} ({type(lost).__name__}: {lost}); it may or may not have "
+                    "finished. "
                     "If the instance stopped or was destroyed, list_instances says so; otherwise check the "
                     "command's effects before running it again.",
                     stage="ssh",
@@ -497,9 +502,11 @@ class RemoteHost:
             except (*_DROPPED, SSHUnavailableError, RemoteCommandError):
                 return
 
-    async def check(self, command: str, *, time_limit: float = 60.0, stdin: bytes | None = None) -> str:
+    async def check(
+        self, command: str, *, time_limit: float = 60.0, stdin: bytes | None = None, what: str | None = None
+    ) -> str:
         """Run an internal helper command and return its stdout; a failure raises with its stderr."""
-        res = await self.run(command, time_limit=time_limit, stdin=stdin, output_cap=16 * 1024 * 1024)
+        res = await self.run(command, time_limit=time_limit, stdin=stdin, output_cap=16 * 1024 * 1024, what=what)
         if not res.ok:
             why = "timed out" if res.timed_out else f"exited {res.exit_code}"
             detail = res.stderr.strip()[-2000:] or "(nothing on stderr)"

@@ -176,13 +176,18 @@ async def start_job(
     lines.append(f"cd {remote_path_word(cwd)} || exit 126" if cwd else 'cd "$HOME"')
     lines.append(command)
     script = _START % {"id": shlex.quote(job_id), "jobs": JOBS_DIR, "command": shlex.quote(command)}
-    await host.check(script + "\n" + _STATE + "state\n" + _REPORT, stdin=("\n".join(lines) + "\n").encode())
+    await host.check(
+        script + "\n" + _STATE + "state\n" + _REPORT,
+        stdin=("\n".join(lines) + "\n").encode(),
+        what=f"starting job {job_id}",
+    )
     return await job_status(host, job_id)
 
 
 async def job_status(host: RemoteHost, job_id: str) -> JobStatus:
     out = await host.check(
-        _script(_check_id(job_id), '[ -d "$d" ] || { echo missing; exit 0; }\nstate\n' + _REPORT + 'cat "$d/command"')
+        _script(_check_id(job_id), '[ -d "$d" ] || { echo missing; exit 0; }\nstate\n' + _REPORT + 'cat "$d/command"'),
+        what=f"reading the state of job {job_id}",
     )
     header, _, command = out.partition("\n")
     return _parse_status(job_id, header, command)
@@ -195,7 +200,7 @@ async def list_jobs(host: RemoteHost) -> list[JobStatus]:
         + _REPORT.replace('echo "$st', 'echo "$id $st')
         + '  printf "%s\\n" "$(head -c 200 "$d/command" | tr "\\n" " ")"\ndone\n'
     )
-    out = await host.check(_STATE + body)
+    out = await host.check(_STATE + body, what="listing the jobs")
     lines = out.splitlines()
     jobs = []
     for header, command in zip(lines[::2], lines[1::2], strict=False):
@@ -241,7 +246,12 @@ echo "$c"
 [ $size -gt $c ] && tail -c +$((c + 1)) "$d/log" | head -c $max
 exit 0
 """
-    res = await host.run_bytes(_script(_check_id(job_id), body), time_limit=wait + 60, output_cap=max_bytes + 4096)
+    res = await host.run_bytes(
+        _script(_check_id(job_id), body),
+        time_limit=wait + 60,
+        output_cap=max_bytes + 4096,
+        what=f"reading the log of job {job_id}",
+    )
     if res.exit_code != 0 or res.stdout.cut:
         raise RemoteCommandError(f"Could not read the log of job {job_id}: {res.stderr.text().strip()[-500:]}")
     header, _, rest = bytes(res.stdout.head + res.stdout.tail).partition(b"\n")
@@ -297,7 +307,7 @@ fi
 state
 {_REPORT.strip()}
 """
-    out = await host.check(_script(_check_id(job_id), body), time_limit=grace + 30)
+    out = await host.check(_script(_check_id(job_id), body), time_limit=grace + 30, what=f"cancelling job {job_id}")
     return _parse_status(job_id, out.splitlines()[0] if out else "missing")
 
 

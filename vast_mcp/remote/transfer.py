@@ -49,7 +49,7 @@ SLOW_LINK = 30e6  # bytes/s: below this, the best ratio wins; in between, the fa
 _PROBE_BYTES = 4 * 1024 * 1024
 _WORTH_PROBING = 16 * 1024 * 1024  # smaller uploads finish before compression could pay back a probe
 _PROGRESS_EVERY = 0.1
-DEFAULT_MAX_DOWNLOAD = 20 * 1024**3  # and never more than the destination's free space (unpack.py)
+DEFAULT_MAX_DOWNLOAD = 20 * 1024**3  # and no member past the destination's free space (archive.SafeExtractor)
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,8 @@ async def _upload(
     entries = scanned.entries
     files = [e for e in entries if e.kind == "file"]
     tops = sorted({e.rel.split("/", 1)[0] for e in entries})
-    remote = await _remote_listing(host, remote_dir, tops)
+    # Nothing to send (every source was a FIFO or the like): no listing, which would cover all of remote_dir.
+    remote = await _remote_listing(host, remote_dir, tops) if tops else {}
     todo = [e for e in entries if not _unchanged(e, remote.get(e.rel))]
     todo_files = [e for e in todo if e.kind == "file"]
     progress = _Progress(on_progress, "upload")
