@@ -154,3 +154,11 @@ def test_any_member_name_lands_inside_or_is_refused_with_a_reason(tmp_path: Path
     assert all(": " in r for r in report.refused)
     landed = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
     assert landed == set(report.hashes), "every file that landed is accounted for, and only those"
+
+
+def test_a_stream_cut_inside_a_member_leaves_no_partial_file(tmp_path: Path) -> None:
+    data = archive(("a.txt", b"a"), ("big.bin", b"b" * 100_000))
+    cut = data[: 512 * 3 + 50_000]  # a.txt whole, then big.bin's header and half its data
+    with pytest.raises(tarfile.ReadError):
+        SafeExtractor(tmp_path / "d", max_bytes=1 << 30).extract(io.BytesIO(cut))
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.txt"]

@@ -424,7 +424,7 @@ class SafeExtractor:
                 if existing:
                     os.chmod(fd, (member.mode & 0o755) | 0o600)  # O_CREAT's mode only applies to new files
                 os.utime(fd, (member.mtime, member.mtime))
-        except OSError:
+        except BaseException:  # the disk, or the stream ending inside this member
             with contextlib.suppress(OSError):
                 os.unlink(path)  # no partial file is left behind
             raise
