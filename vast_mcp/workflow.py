@@ -33,7 +33,9 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
+from .framing import DATA_BUDGET, shown_size
 from .ledger import LedgerInstance
+from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
 from .results import (
     ReadyResult,
@@ -392,7 +394,18 @@ class RunBook:
     async def view(
         self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES, *, with_approval: bool = False
     ) -> RunView:
+        """The run as the agent sees it, with a page of its log from `cursor` that fits one answer escaped (the
+        stored log is already masked: every page of it was, before it was stored)."""
+        budget = DATA_BUDGET
+        if run.receipt is not None and run.receipt.outcome != "succeeded":
+            budget -= shown_size(run.receipt.log_tail)
         text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        for _ in range(FIT_ROUNDS):
+            shown = shown_size(text)
+            if shown <= budget or nxt - start <= 1:
+                break
+            max_bytes = max(1, min(nxt - start - 1, int((nxt - start) * budget / shown * 0.9)))
+            text, start, nxt, skipped = run.read_log(cursor, max_bytes)
         return RunView(
             status=run.status,
             run_id=run.id,
@@ -404,13 +417,12 @@ class RunBook:
             job_id=run.job_id,
             tries=[t.view() for t in run.tries],
             approval=run.plan.view(run.approved_by) if with_approval else None,
-            log=text,
             cursor=start,
             next_cursor=nxt,
             log_more=nxt < run.log_end,
             log_skipped_bytes=skipped,
             receipt=run.receipt,
-        )
+        ).with_log(text)
 
     async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
         """Wait up to `wait_s` for the end of the run, or for a full page of new log after `cursor`.
@@ -685,7 +697,7 @@ class RunBook:
                 return f"The job ran past its maximum runtime of {run.spec.max_runtime_h:g} h and was stopped."
             try:
                 chunk = await self.service.tail(
-                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES
+                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES, budget=None
                 )
             except (RemoteError, VastAPIError) as exc:
                 failures += 1
@@ -757,7 +769,6 @@ class RunBook:
             destroyed=all(t.destroyed for t in run.tries if t.instance_id is not None),
             kept_instance_id=kept,
             error=error,
-            log_tail=run.log_tail(),
-        )
+        ).with_log_tail(run.log_tail())
         run.status = run.receipt.outcome
         run.touch("done", error or "finished")
