@@ -33,7 +33,7 @@ async def follow(run: Run, client: Any, iid: int, job_id: str) -> str:
         chunk = await run.data(
             client, "tail_log", {"instance_id": iid, "job_id": job_id, "cursor": cursor, "wait_s": 5}
         )
-        text, cursor = text + chunk["text"], chunk["next_cursor"]
+        text, cursor = text + chunk["shown"].get("log", ""), chunk["next_cursor"]
         if chunk["state"] != "running" and not chunk["more"]:
             break
     return text
