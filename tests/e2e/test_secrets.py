@@ -93,7 +93,7 @@ async def test_run_job_leaks_nothing(tmp_path: Path) -> None:
                     status = await run.data(
                         client, "run_status", {"run_id": started["run_id"], "cursor": cursor, "wait_s": 10}
                     )
-                    log, cursor = log + status.get("log", ""), status.get("next_cursor", cursor)
+                    log, cursor = log + status["shown"].get("log", ""), status.get("next_cursor", cursor)
         assert await run.settle(0) is not None
         outcome = await run.finish(0)
     assert status["status"] != "running", status
