@@ -14,6 +14,8 @@ import re
 import secrets
 from typing import Any
 
+from .redact import mask_everywhere
+
 RESULT_CAP = 64 * 1024  # serialized bytes of one tool answer: text and structured content together
 DATA_BUDGET = RESULT_CAP - 6 * 1024  # what output blocks may take of it; the rest is headlines and state
 
@@ -65,7 +67,8 @@ class Frame:
 
     def __init__(self, *bodies: str) -> None:
         token = secrets.token_hex(8)
-        while any(token in b for b in bodies):
+        # Never one the output holds, nor one that masking (which runs over the whole answer) would change.
+        while any(token in b for b in bodies) or mask_everywhere(token) != token:
             token = secrets.token_hex(8)
         self.token = token
 

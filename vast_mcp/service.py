@@ -779,8 +779,8 @@ class Service:
         # A cursor inside a character: its continuation bytes decode as one U+FFFD each.
         straddle = min(3, len(text) - len(text.lstrip("\ufffd")))
         body = text[straddle:]
-        if len(body) >= 16 and any(body in s for s in secrets):
-            return MASK, chunk.next_cursor  # the whole page lies inside one (long) secret
+        if len(body) >= 16 and any(body in s and not s.startswith(body) for s in secrets):
+            return MASK, chunk.next_cursor  # the whole page lies strictly inside one (long) secret
         for secret, size in starts_inside(body, secrets)[:3]:
             end = chunk.cursor + straddle + len(secret[-size:].encode())
             start = end - len(secret.encode())

@@ -11,6 +11,7 @@ other, and every failover offer is re-quoted and checked against that ceiling be
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -33,7 +34,7 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
-from .framing import DATA_BUDGET, shown_size
+from .framing import DATA_BUDGET, shown_size, visible
 from .ledger import LedgerInstance
 from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
@@ -623,7 +624,8 @@ class RunBook:
         lines = [line for line in lines if line and not (said and said in line)][-2:]
         if not lines:
             return ""
-        return "; instance log ends: " + self.service.redact(" | ".join(lines))[-400:]
+        # Quoted and escaped: the instance wrote it, and it is shown outside any output block.
+        return "; instance log ends: " + json.dumps(visible(self.service.redact(" | ".join(lines))[-400:]))
 
     async def _destroy(self, run: Run, current: _Try) -> None:
         assert current.instance_id is not None

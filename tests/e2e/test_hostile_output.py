@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
+import string
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +136,28 @@ async def test_a_secret_split_across_tail_log_pages_never_shows(rig: Rig) -> Non
     for cursor in range(first - 1, first + len(SECRET) + 1):
         _, page, _ = await rig.page(job_id, cursor, 256)
         assert not leaked(page), f"a page starting at {cursor} shows {leaked(page)}"
+    assert await rig.state() == before
+
+
+@pytest.mark.anyio
+async def test_secrets_longer_than_a_page_or_with_multibyte_characters_never_show(rig: Rig) -> None:
+    long = "".join(secrets.choice(string.ascii_uppercase) for _ in range(700))  # a key file, say
+    wide = "ÄÖÜßSECRETÉÈÊKLMNOPQ"  # characters of 2 bytes: a cursor can fall inside one
+    command = 'printf "..%s..\\n" "$LONG"; for i in 0 1 2 3; do printf "%${i}s%s\\n" "" "$WIDE"; done'
+    job_id = await rig.job(command, secrets={"LONG": long, "WIDE": wide})
+    end = await rig.wait_end(job_id)
+    before = await rig.state()
+    cursor, log = 0, ""
+    while cursor < end:
+        got, page, _ = await rig.page(job_id, cursor, 256)
+        assert not leaked(page, long) and not leaked(page, wide), page
+        assert got["next_cursor"] > cursor, "a page that is all secret is read whole, then masked"
+        cursor, log = got["next_cursor"], log + page
+    assert log == "..[redacted]..\n" + "".join(" " * i + "[redacted]\n" for i in range(4))
+    start = len(f"..{long}..\n".encode())
+    for cursor in range(start, start + len(wide.encode()) + 1):  # every byte of the first occurrence
+        _, page, _ = await rig.page(job_id, cursor, 256)
+        assert not leaked(page, wide), (cursor, page)
     assert await rig.state() == before
 
 
