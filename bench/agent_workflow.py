@@ -68,6 +68,9 @@ MAX_RUNTIME_H = 0.5
 EPOCHS = 30
 # The job writes its own start time first, so every way's results say when the job really began.
 JOB = f"mkdir -p out && date +%s.%N > out/started_at && python3 tiny-job/train.py --epochs {EPOCHS} --out out"
+# A plain `ssh host cmd` does not get the image's ENV PATH (on Vast as in the simulator's pytorch profile), so the
+# seed's command as written exits 127 there; its user has to add the image's Python folder, which this does.
+SEED_JOB = "export PATH=/opt/conda/bin:$PATH && " + JOB
 
 # The seed's periods, kept real: Phase 5 polls every 10 s, waits 15-20 s (we take the shortest, 15 s) after
 # `running` for SSH, retries SSH 3 times 30 s apart; Phase 8 polls every 30 s for jobs under 10 minutes.
@@ -375,7 +378,7 @@ def seed_job(sim: SimServer, shell: SeedShell, run: Run, work: Path, ref: Refere
         # Phase 6: upload as a tar stream. Phase 7: start the job with nohup; its PID comes back.
         upload = f"tar czf - -C {work} tiny-job | {ssh} 'tar xzf - -C /root/'"
         _checked(shell.run(run, "tar | ssh (upload)", upload, cwd), "upload")
-        start = f"{ssh} 'nohup bash -c \"{JOB}\" > /root/job_output.log 2>&1 & echo $!'"
+        start = f"{ssh} 'nohup bash -c \"{SEED_JOB}\" > /root/job_output.log 2>&1 & echo $!'"
         pid = _checked(shell.run(run, "ssh nohup (start)", start, cwd), "start the job").strip().splitlines()[-1]
         run.job_started = time.time()
 

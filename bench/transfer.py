@@ -42,8 +42,11 @@ def _workdir() -> Path:
 
 async def main() -> None:
     disk, key, bps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    # Vast's own image: it has rsync and zstd; ~/.no_auto_tmux keeps its tmux hook out of the plain ssh streams.
     spec = HostSpec(instance_id=9100, disk_dir=disk, authorized_keys=[key], env={},
-                    faults=HostFaults(slow_bps=bps or None))
+                    faults=HostFaults(slow_bps=bps or None), image="vastai/base-image:latest")
+    (disk / "root").mkdir(parents=True, exist_ok=True)
+    (disk / "root" / ".no_auto_tmux").touch()
     host = select_backend("sshd").create(spec)
     await host.start()
     print(host.ssh_port, flush=True)

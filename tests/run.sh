@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real OpenSSH is what the simulated cloud's instances run; rsync is the seed workflow's way in the benchmarks.
+# Real OpenSSH is what the simulated cloud's instances run; rsync is the seed workflow's way in the benchmarks;
+# busybox-static is the BusyBox image profile's whole userland.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
-  for pkg in openssh-server openssh-client rsync; do
+  for pkg in openssh-server openssh-client rsync busybox-static; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -32,11 +32,15 @@ while sleep %(check)d; do
     echo "$(date -u) no heartbeat for $((now - last)) s (lease ${lease} s): destroying instance $CONTAINER_ID"
   fi
   target="$url/api/v0/instances/$CONTAINER_ID/"
+  py=$(command -v python3 || command -v python)
   if command -v curl >/dev/null 2>&1; then
     curl -fsS -m 20 -X DELETE -H "Authorization: Bearer $CONTAINER_API_KEY" \
       -H "Content-Type: application/json" -d '{}' "$target" && exit 0
-  else
-    python3 - "$target" <<'PY' && exit 0
+  elif wget --help 2>&1 | grep -q -- --method; then
+    wget -q -O - -T 20 --method=DELETE --header="Authorization: Bearer $CONTAINER_API_KEY" \
+      --header="Content-Type: application/json" --body-data='{}' "$target" && exit 0
+  elif [ -n "$py" ]; then
+    "$py" - "$target" <<'PY' && exit 0
 import os, sys, urllib.request
 request = urllib.request.Request(sys.argv[1], data=b"{}", method="DELETE", headers={
     "Authorization": "Bearer " + os.environ["CONTAINER_API_KEY"], "Content-Type": "application/json"})
@@ -46,6 +50,72 @@ PY
   echo "$(date -u) the destroy request failed; trying again"
 done
 """
+
+
+# Run at wait_ready, in the container's environment: can the watchdog work here? It needs an HTTP client that
+# can send DELETE (curl, GNU wget or Python; BusyBox's wget cannot) and the instance's own key, and that key
+# must read the instance. One `name=value` per line.
+_CHECK = r"""
+url=%(url)s
+if [ -f "$HOME/.vast-mcp/deadman.sh" ]; then echo installed=1; else echo installed=0; fi
+py=$(command -v python3 || command -v python)
+if command -v curl >/dev/null 2>&1; then client=curl
+elif wget --help 2>&1 | grep -q -- --method; then client=wget
+elif [ -n "$py" ]; then client=python
+else client=; fi
+echo "client=$client"
+if [ -z "$CONTAINER_API_KEY" ] || [ -z "$CONTAINER_ID" ]; then echo key=0; exit 0; fi
+echo key=1
+target="$url/api/v0/instances/$CONTAINER_ID/"
+case $client in
+  curl) code=$(curl -s -o /dev/null -w '%%{http_code}' -m 10 -H "Authorization: Bearer $CONTAINER_API_KEY" "$target") ;;
+  wget) if wget -q -O /dev/null -T 10 --header="Authorization: Bearer $CONTAINER_API_KEY" "$target"; then code=200
+        else code=error; fi ;;
+  python) code=$("$py" - "$target" 2>/dev/null <<'PY'
+import os, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["CONTAINER_API_KEY"]})
+try:
+    print(urllib.request.urlopen(req, timeout=10).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print("error")
+PY
+) ;;
+  *) code= ;;
+esac
+echo "read=$code"
+exit 0
+"""
+
+
+def check_command(api_url: str) -> str:
+    """The script that tells whether the watchdog can work on this instance (see `judge`)."""
+    return _CHECK % {"url": shlex.quote(api_url.rstrip("/"))}
+
+
+def judge(output: str) -> str | None:
+    """None when the watchdog can destroy this instance; otherwise what stops it, in plain words."""
+    values: dict[str, str] = {}
+    for line in output.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name in ("installed", "client", "key", "read"):
+            values[name] = value.strip()
+    if values.get("installed") == "0":
+        return "its watchdog is not installed (the onstart script did not run)"
+    if not values.get("client"):
+        return (
+            "the image has no curl, GNU wget or Python, so its watchdog cannot call the Vast API to destroy it "
+            "if this server goes away"
+        )
+    if values.get("key") != "1":
+        return "CONTAINER_API_KEY or CONTAINER_ID is not set in the container, so its watchdog cannot authenticate"
+    if values.get("read") != "200":
+        return (
+            f"its watchdog could not reach the Vast API with the instance's own key (answer: "
+            f"{values.get('read') or 'none'})"
+        )
+    return None
 
 
 def keep_command(keep: bool) -> str:

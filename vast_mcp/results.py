@@ -105,26 +105,54 @@ class ReadyResult(BaseModel):
     disk_free_gb: float | None = None
     python: str | None = None
     failed: bool = Field(default=False, description="True when the instance cannot become ready (destroy it).")
+    tools: list[str] = Field(default_factory=list, description="Optional tools found on the instance.")
+    watchdog: str | None = Field(
+        default=None,
+        description="'ok' when the dead-man's switch can destroy this instance if the server goes away; otherwise "
+        "why it cannot (the instance then bills until destroyed by hand). None when not checked.",
+    )
+    ssh_stage: str | None = Field(default=None, description="Not ready: the SSH step that failed last.")
+    ssh_detail: str | None = Field(default=None, description="Not ready: what that step said.")
+    ssh_repeats: int = Field(default=0, description="Not ready: how many attempts in a row failed that same way.")
+    diagnosis: str | None = Field(default=None, description="Not ready: what the repeated failure probably means.")
 
     def summary(self) -> str:
         if self.ready:
             gpus = ", ".join(self.gpus) if self.gpus else "no GPU visible (nvidia-smi absent)"
             disk = f", {self.disk_free_gb:.0f} GB free" if self.disk_free_gb is not None else ""
-            py = f", Python {self.python}" if self.python else ""
-            return (
+            py = f", Python {self.python}" if self.python else ", no Python"
+            text = (
                 f"Instance {self.instance_id} is ready over SSH ({self.ssh}) after {self.waited_s:.1f} s: {gpus}"
                 f"{disk}{py}. Next: upload files, then exec_background."
             )
+            if self.watchdog not in (None, "ok"):
+                text += f"\nWARNING: {watchdog_warning(self.watchdog or '')}"
+            return text
         if self.failed:
             return (
                 f"Instance {self.instance_id} failed to start (status {self.status}: "
                 f"{self.status_msg or 'no message'}). Call destroy on it, then try another offer."
             )
         msg = f": {self.status_msg}" if self.status_msg else ""
-        return (
+        text = (
             f"Instance {self.instance_id} is not ready yet (status {self.status or 'scheduling'}{msg}; waited "
-            f"{self.waited_s:.0f} s this call). Call wait_ready again to keep waiting."
+            f"{self.waited_s:.0f} s this call)."
         )
+        if self.ssh_stage:
+            times = f", {self.ssh_repeats} times in a row" if self.ssh_repeats > 1 else ""
+            text += f" Last SSH failure at the {self.ssh_stage} step{times}: {self.ssh_detail or 'no detail'}."
+        if self.diagnosis:
+            return f"{text} {self.diagnosis}"
+        return f"{text} Call wait_ready again to keep waiting."
+
+
+def watchdog_warning(problem: str) -> str:
+    """The plain warning for an instance whose dead-man's switch cannot work."""
+    return (
+        f"the dead-man's switch cannot work on this instance: {problem}. If this server stops for good, the "
+        "instance keeps billing until someone destroys it: keep this session running until it is destroyed, or "
+        "use an image with curl or Python."
+    )
 
 
 class TransferResult(BaseModel):
@@ -222,6 +250,9 @@ class InstanceRow(BaseModel):
     accrued_usd: float
     keep: bool
     ends_at: float | None = Field(default=None, description="Unix time it is destroyed (max runtime); none if kept.")
+    watchdog: str | None = Field(
+        default=None, description="'ok', or why its dead-man's switch cannot work; None when not checked yet."
+    )
 
 
 class InstancesResult(BaseModel):
@@ -242,6 +273,9 @@ class InstancesResult(BaseModel):
                 f"{r.instance_id or '-'!s:<9} {r.gpu[:24]:<24} {r.status[:17]:<17} {r.dph:>6.3f}  "
                 f"{r.uptime_h:>5.2f} h  ${r.accrued_usd:.3f}{'  (kept)' if r.keep else ''}"
             )
+        for r in self.instances:
+            if r.watchdog not in (None, "ok"):
+                lines.append(f"WARNING for instance {r.instance_id}: {watchdog_warning(r.watchdog or '')}")
         cap = f" of the ${self.session_cap_usd:.2f} cap" if self.session_cap_usd is not None else ""
         lines.append(f"Session total so far: ${self.session_accrued_usd:.3f}{cap}.")
         lines += self.notices
@@ -362,6 +396,7 @@ class RunView(BaseModel):
     log_skipped_bytes: int = Field(default=0, description="Older log bytes no longer kept by the server.")
     receipt: RunReceipt | None = None
     message: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="Problems found before the job started.")
     _log: str = PrivateAttr(default="")
 
     def with_log(self, text: str) -> RunView:
@@ -384,6 +419,7 @@ class RunView(BaseModel):
         if self.status == "declined":
             return self.message or "Declined; nothing was rented and nothing is billed."
         lines = [self._headline()]
+        lines += [f"WARNING: {w}" for w in self.warnings]
         lines += [f"  try {t.number}: {t.gpu} ${t.dph:.3f}/hr, {_try_words(t)}" for t in self.tries]
         tail = self.receipt.log_tail if self.receipt is not None and self.receipt.outcome != "succeeded" else ""
         frame = Frame(self._log, tail)

@@ -21,11 +21,14 @@ from .approval import Approvals, Grant, request_digest
 from .config import Settings
 from .consent import PRICE_EPSILON, Quote, QuoteBook, check_caps, params_digest, price_recheck
 from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
+from .deadman import check_command as deadman_check_command
+from .deadman import judge as deadman_judge
 from .errors import (
     ConsentError,
     LedgerError,
     OfferUnavailableError,
     QuoteMismatchError,
+    RemoteError,
     SSHUnavailableError,
     TransferError,
     VastAPIError,
@@ -38,6 +41,7 @@ from .pages import FIT_ROUNDS, fit, render, split_budget
 from .reaper import ReapReport, destroy_confirmed, destroy_row, find_by_label, reap_dead_sessions, reap_session
 from .redact import MASK, SecretBook, held_back, mask, starts_inside
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
+from .remote.diagnose import SSHFailures
 from .remote.hostkeys import HostKeyStore
 from .remote.jobs import JOBS_DIR, JobStatus, LogChunk, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
@@ -163,6 +167,8 @@ class Service:
         self._key_registered = False
         self.secrets = SecretBook([settings.api_key.reveal()])
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
+        self._ssh_failures: dict[int, SSHFailures] = {}  # why each instance was not ready, across calls
+        self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
         self._create_lock = anyio.Lock()
         self._cap_warned = False
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
@@ -374,12 +380,12 @@ class Service:
         """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
         after."""
         quote = grant.quote
-        if grant.session_cap is not None and self.session_cap is not None:
-            self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
         if (request.offer_id, params_digest(request.params())) != (quote.offer_id, quote.params_digest):
             raise QuoteMismatchError(
                 f"The approval covers offer {quote.offer_id} as quoted, not this request. Ask for a new approval."
             )
+        if grant.session_cap is not None and self.session_cap is not None:
+            self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
         async with self._create_lock:  # caps are checked and the intent written as one step per session
             await self._check_caps(quote, session_cap=self.session_cap)
             await self.ensure_key_registered()
@@ -488,6 +494,7 @@ class Service:
         latest: list[Instance] = []
         outcome: list[ReadyResult] = []
         probing: set[tuple[str, int]] = set()
+        failures = self._ssh_failures.setdefault(instance_id, SSHFailures())
 
         def finish(result: ReadyResult, scope: anyio.CancelScope) -> None:
             if not outcome:
@@ -498,15 +505,23 @@ class Service:
             host = self._host(instance_id, address)
 
             async def attempt(stage: str, detail: str) -> None:
-                await progress(time.monotonic() - started, budget, f"instance {instance_id}: SSH not up yet ({stage})")
+                failures.note(stage, self.redact(detail))
+                short = failures.detail if len(failures.detail) <= 160 else failures.detail[:157] + "..."
+                await progress(
+                    time.monotonic() - started, budget, f"instance {instance_id}: SSH not up yet ({stage}: {short})"
+                )
 
             try:
                 info = await host.wait_ready(budget=budget, on_attempt=attempt)
-            except SSHUnavailableError:
+            except SSHUnavailableError as exc:
+                failures.note(exc.stage or "ssh", self.redact(str(exc)), count=False)
                 return
             current = latest[-1] if latest else inst
             self._beating[instance_id] = host
-            finish(ready_result(instance_id, current, host, info, time.monotonic() - started), scope)
+            self._ssh_failures.pop(instance_id, None)
+            result = ready_result(instance_id, current, host, info, time.monotonic() - started)
+            result.watchdog = await self._check_watchdog(instance_id, host)
+            finish(result, scope)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -556,7 +571,27 @@ class Service:
             status=inst.actual_status,
             status_msg=inst.status_msg or ("running, but SSH does not let us in yet" if probing else None),
             waited_s=time.monotonic() - started,
+            ssh_stage=failures.stage or None,
+            ssh_detail=failures.detail or None,
+            ssh_repeats=failures.repeats,
+            diagnosis=failures.diagnosis(running=inst.actual_status == "running"),
         )
+
+    async def _check_watchdog(self, instance_id: int, host: RemoteHost) -> str | None:
+        """Whether the instance's dead-man's switch can work ('ok'), else why not; None without a lease."""
+        if self.settings.lease_s is None:
+            return None
+        if instance_id in self._watchdog:
+            return self._watchdog[instance_id]  # an image does not change while the instance lives
+        try:
+            res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
+        except (RemoteError, TimeoutError) as exc:
+            problem: str | None = f"it could not be checked ({exc})"
+        else:
+            problem = deadman_judge(res.stdout) if res.ok else f"its check failed ({res.stderr.strip()[-300:]})"
+        verdict = problem or "ok"
+        self._watchdog[instance_id] = verdict
+        return verdict
 
     def _host(self, instance_id: int, address: tuple[str, int]) -> RemoteHost:
         return self.hosts.get(SSHTarget(host_id=f"{self.scope}/{instance_id}", host=address[0], port=address[1]))
@@ -851,6 +886,7 @@ class Service:
                     accrued_usd=round(r.accrued(now), 4),
                     keep=r.keep,
                     ends_at=None if r.keep or not r.is_live else r.created_at + r.max_runtime_h * 3600,
+                    watchdog=self._watchdog.get(r.instance_id) if r.instance_id is not None else None,
                 )
             )
         spend = await self.ledger.spend(self.session_id)
@@ -874,6 +910,7 @@ def ready_result(instance_id: int, inst: Instance, host: RemoteHost, info: HostI
         nvidia_smi=info.nvidia_smi,
         disk_free_gb=None if info.disk_free_bytes is None else round(info.disk_free_bytes / 1e9, 1),
         python=info.python_version,
+        tools=list(info.tools),
     )
 
 

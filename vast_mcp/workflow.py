@@ -46,6 +46,7 @@ from .results import (
     RunStatus,
     RunTry,
     RunView,
+    watchdog_warning,
 )
 from .service import CreateRequest, Progress, Service, quote_view
 from .vast.query import OfferFilters
@@ -272,6 +273,7 @@ class Run:
     exit_code: int | None = None
     receipt: RunReceipt | None = None
     finished_at: float | None = None
+    warnings: list[str] = field(default_factory=list)  # found before the job started (e.g. no dead-man's switch)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -423,6 +425,7 @@ class RunBook:
             log_more=nxt < run.log_end,
             log_skipped_bytes=skipped,
             receipt=run.receipt,
+            warnings=list(run.warnings),
         ).with_log(text)
 
     async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
@@ -598,7 +601,12 @@ class RunBook:
             except VastMCPError as exc:
                 return f"it could not be checked while starting ({exc})"
             if last.ready:
-                run.touch(detail=last.summary())
+                if last.watchdog not in (None, "ok"):
+                    warning = f"instance {iid}: {watchdog_warning(last.watchdog or '')}"
+                    run.warnings.append(warning)
+                    run.touch(detail=f"WARNING: {warning}")
+                else:
+                    run.touch(detail=last.summary())
                 return None
             if last.failed:
                 why = f"it stopped while starting (status {last.status}: {last.status_msg or 'no message'})"
@@ -609,6 +617,10 @@ class RunBook:
             status = last.status if last is not None and last.status else "scheduling"
             msg = f": {last.status_msg}" if last is not None and last.status_msg else ""
             why = f"it was not ready within {bound:g} s (status {status}{msg})"
+        if last is not None and last.ssh_stage:
+            why += f"; last SSH failure at the {last.ssh_stage} step: {last.ssh_detail or 'no detail'}"
+            if last.diagnosis:
+                why += f" ({last.diagnosis})"
         return why + await self._log_note(iid, last.status_msg if last is not None else None)
 
     async def _log_note(self, instance_id: int, said: str | None) -> str:

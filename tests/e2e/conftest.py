@@ -15,9 +15,10 @@ from vast_mcp.sim.state import SimCloud
 
 
 @pytest.fixture
-def cloud_server(tmp_path: Path) -> Iterator[SimServer]:
-    """The simulated cloud over loopback HTTP whose instances are real SSH servers (sshd, or the fallback)."""
-    cloud = SimCloud(backend=select_backend(), boot_delay=0.3, root_dir=tmp_path / "sim")
+def cloud_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SimServer]:
+    """The simulated cloud over loopback HTTP whose instances are real SSH servers: the best host backend this
+    machine runs (sshd, or the in-process fallback), or the one named by indirect parametrization."""
+    cloud = SimCloud(backend=select_backend(getattr(request, "param", None)), boot_delay=0.3, root_dir=tmp_path / "sim")
     with SimServer(cloud) as server:
         yield server
 

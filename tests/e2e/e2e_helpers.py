@@ -8,13 +8,28 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mcp import Client
 from mcp.types import CallToolResult, ElicitResult
 
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
 from vast_mcp.framing import read_blocks
+from vast_mcp.sim.hosts import sshd_unavailable_reason
 from vast_mcp.sim.server import SimServer
+
+# (era, host backend) pairs for the workflow tests, with `cloud_server` parametrized indirectly: both eras on the
+# machine's best backend, and the legacy era on the in-process fallback too when the best is sshd.
+ERA_BACKENDS = [
+    pytest.param("legacy", None, id="legacy"),
+    pytest.param("auto", None, id="auto"),
+    pytest.param(
+        "legacy",
+        "asyncssh",
+        id="legacy-asyncssh",
+        marks=pytest.mark.skipif(sshd_unavailable_reason() is not None, reason="the fallback is the default here"),
+    ),
+]
 
 
 def make_settings(server: SimServer, state_dir: Path, caps: Caps | None = None) -> Settings:

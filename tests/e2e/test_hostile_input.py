@@ -222,9 +222,11 @@ async def test_download_of_a_hostile_tree_lands_nothing_outside(rig: Rig, tmp_pa
         add("./out/hard", kind=tarfile.LNKTYPE, link="/etc/passwd")
         add("./out/dev", kind=tarfile.CHRTYPE)
     crafted = base64.b64encode(buf.getvalue()).decode()
-    # Every non-interactive command sshd runs sources ~/.bashrc: a hostile image can shadow `tar` there.
+    # Every non-interactive command sshd runs sources ~/.bashrc: a hostile image can shadow `tar` there (first
+    # thing in the file, before any interactive guard the image's .bashrc has).
     await rig.sh(
-        f"mkdir -p out && echo fine > out/ok.txt && echo 'tar() {{ echo {crafted} | base64 -d; }}' >> ~/.bashrc"
+        f"mkdir -p out && echo fine > out/ok.txt && {{ echo 'tar() {{ echo {crafted} | base64 -d; }}'; "
+        "cat ~/.bashrc 2>/dev/null; } > ~/.bashrc.new && mv ~/.bashrc.new ~/.bashrc"
     )
     dest = tmp_path / "results"
     result = await rig.client.call_tool(

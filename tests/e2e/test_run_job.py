@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from e2e_helpers import alive, answering, call, make_settings, sim_instances, text
+from e2e_helpers import ERA_BACKENDS, alive, answering, call, make_settings, sim_instances, text
 from mcp import Client
 
 from vast_mcp.config import Settings
@@ -96,7 +96,7 @@ async def settled(server: SimServer) -> list[dict[str, Any]]:
     return alive(server)
 
 
-@pytest.mark.parametrize("mode", ERAS)
+@pytest.mark.parametrize(("mode", "cloud_server"), ERA_BACKENDS, indirect=["cloud_server"])
 async def test_run_job_end_to_end(mode: str, settings: Settings, cloud_server: SimServer, tmp_path: Path) -> None:
     project, blob = make_project(tmp_path)
     seen: list[str] = []

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
-from e2e_helpers import alive, answering, call, make_settings, sim_instances, text
+from e2e_helpers import ERA_BACKENDS, alive, answering, call, make_settings, sim_instances, text
 from mcp import Client
 
 from vast_mcp.config import Settings
@@ -42,7 +42,7 @@ def create_args(offer_id: int, **extra: Any) -> dict[str, Any]:
     return {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 20, **extra}
 
 
-@pytest.mark.parametrize("mode", ERAS)
+@pytest.mark.parametrize(("mode", "cloud_server"), ERA_BACKENDS, indirect=["cloud_server"])
 async def test_granular_workflow(mode: str, settings: Settings, cloud_server: SimServer, tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)

@@ -45,6 +45,19 @@ async def rent_args(client: ForeignClient, **extra: Any) -> dict[str, Any]:
     return {"offer_id": await first_offer_id(client), **SMALL_RENTAL, **extra}
 
 
+async def rents_nothing_and_says_so_plainly(client: ForeignClient) -> None:
+    """create_instance after an odd answer: refused or declined (a malformed answer may fail the whole request),
+    in words without the server's internals."""
+    try:
+        result = await client.call_tool("create_instance", await rent_args(client))
+    except Exception as exc:
+        said = str(exc)
+    else:
+        said = text(result)
+        assert result["isError"] or structured(result)["status"] == "declined", said
+    assert not any(word in said for word in INTERNAL), said
+
+
 @pytest.mark.parametrize("answer", ["decline", "cancel", "false"])
 async def test_a_no_cannot_be_overridden_by_any_quote_id(answer: str, connect: Connect, foreign_sim: SimServer) -> None:
     before = ids(foreign_sim)
@@ -130,14 +143,7 @@ async def test_only_a_boolean_true_approves(content: Any, connect: Connect, fore
     async with connect() as client:
         assert isinstance(client, RawClient)
         await client.set_elicit("accept", content)
-        try:
-            result = await client.call_tool("create_instance", await rent_args(client))
-        except Exception as exc:  # a malformed answer may fail the whole request; it must still rent nothing
-            said = str(exc)
-        else:
-            said = text(result)
-            assert result["isError"] or structured(result)["status"] == "declined", said
-        assert not any(word in said for word in INTERNAL), said
+        await rents_nothing_and_says_so_plainly(client)
     assert ids(foreign_sim) == before
 
 
@@ -154,14 +160,7 @@ async def test_a_malformed_elicitation_result_rents_nothing(
     async with connect(env={"VAST_MCP_QUOTE_TTL_S": "5"}) as client:  # a question waits as long as its quote
         assert isinstance(client, RawClient)
         await client.set_elicit_raw(result=garbage)
-        try:
-            result = await client.call_tool("create_instance", await rent_args(client))
-        except Exception as exc:
-            said = str(exc)
-        else:
-            said = text(result)
-            assert result["isError"] or structured(result)["status"] == "declined", said
-        assert not any(word in said for word in INTERNAL), said
+        await rents_nothing_and_says_so_plainly(client)
     assert ids(foreign_sim) == before
 
 

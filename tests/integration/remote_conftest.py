@@ -79,9 +79,17 @@ def host_keys_fixture(tmp_path: Path) -> HostKeyStore:
 
 @asynccontextmanager
 async def sim_instance(
-    disk_parent: Path, key: ClientKey, *, instance_id: int = 4000, env: dict[str, str] | None = None
+    disk_parent: Path,
+    key: ClientKey,
+    *,
+    instance_id: int = 4000,
+    env: dict[str, str] | None = None,
+    image: str | None = None,
+    backend: str = "sshd",
 ) -> AsyncIterator[SimInstance]:
-    """A running instance of the simulated cloud, destroyed (every process, its disk) on the way out."""
+    """A running instance of the simulated cloud, destroyed (every process, its disk) on the way out.
+
+    `image` picks its image profile (`vast_mcp.sim.images`); None is an image outside the catalogue."""
     spec = HostSpec(
         instance_id=instance_id,
         disk_dir=disk_parent / f"disk-{instance_id}",
@@ -89,8 +97,9 @@ async def sim_instance(
         env=env or {},
         log_path=disk_parent / f"instance-{instance_id}.log",
         faults=HostFaults(),
+        image=image,
     )
-    host = select_backend("sshd").create(spec)
+    host = select_backend(backend).create(spec)
     await host.start()
     try:
         yield SimInstance(spec, host)
@@ -100,8 +109,11 @@ async def sim_instance(
 
 
 @pytest.fixture(name="instance")
-async def instance_fixture(tmp_path: Path, client_key: ClientKey) -> AsyncIterator[SimInstance]:
-    async with sim_instance(tmp_path, client_key) as instance:
+async def instance_fixture(
+    tmp_path: Path, client_key: ClientKey, request: pytest.FixtureRequest
+) -> AsyncIterator[SimInstance]:
+    """An instance of the image named by the test module's `IMAGE` (default: one outside the catalogue)."""
+    async with sim_instance(tmp_path, client_key, image=getattr(request.module, "IMAGE", None)) as instance:
         yield instance
 
 

@@ -26,6 +26,7 @@ from vast_mcp.remote.keys import ClientKey
 from vast_mcp.remote.transfer import Compression, TransferProgress, download, upload
 
 pytestmark = [pytest.mark.anyio, needs_sshd, pytest.mark.sshd]
+IMAGE = "vastai/base-image:latest"  # has zstd (the compression tests expect it) and rsync
 
 
 def make_tree(root: Path) -> Path:

@@ -84,6 +84,7 @@ async def make_host(
             onstart=onstart,
             log_path=tmp_path / f"i{instance_id}" / "instance.log",
             faults=faults,
+            image="ubuntu:22.04",  # its .bashrc returns at once for commands: raw sessions see no start-up noise
         )
         host = backend.create(spec)
         made.append(host)
@@ -162,7 +163,10 @@ async def test_instance_is_a_private_ssh_server_and_destroy_leaves_nothing(
     async with connect(port, client_key) as conn:
         assert await run(conn, "echo hello") == "hello\n"
         assert await run(conn, f"echo result > ~/{name} && cat ~/{name}") == "result\n"
-        assert await run(conn, "echo $CONTAINER_API_KEY/$FOO") == f"{spec.env['CONTAINER_API_KEY']}/bar baz\n"
+        # As on Vast, SSH sessions do not see the container's environment; its PID 1 has it.
+        assert await run(conn, "echo $CONTAINER_API_KEY/$FOO") == "/\n"
+        environ = await run(conn, "tr '\\0' '\\n' < ${VAST_MCP_CONTAINER_ENVIRON:-/proc/1/environ}")
+        assert f"CONTAINER_API_KEY={spec.env['CONTAINER_API_KEY']}\n" in environ and "FOO=bar baz\n" in environ
         if backend.name == "sshd":
             assert await run(conn, "echo $HOME") == "/root\n"
             await run(conn, f"echo ws > /workspace/{name}")
@@ -257,7 +261,9 @@ async def test_stop_keeps_the_disk_and_start_boots_anew(
     assert await host_key(host.ssh_port) == key_before
     async with connect(host.ssh_port, client_key) as conn:
         assert await run(conn, "cat ~/kept.txt") == "kept\n"
-        assert "sleep 1000" not in await run(conn, "ps -eo args")
+        # The image has no `ps` (procps): the process list comes from /proc.
+        listing = await run(conn, "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null; echo; done")
+        assert "sleep 1000" not in listing
     assert spec.log_path is not None
     log_path = spec.log_path
     await wait_for(lambda: log_path.read_text().count("booted\n") == 2)
@@ -375,7 +381,7 @@ async def create(cloud: SimCloud, runtype: str = "ssh_direc ssh_proxy", **faults
     if faults:
         cloud.faults.next_instances.append(InstanceFaults(**faults))
     offer = cloud.available_offers()[0]
-    return await cloud.create_instance(int(offer["id"]), {"image": "img", "disk": 10, "runtype": runtype})
+    return await cloud.create_instance(int(offer["id"]), {"image": "ubuntu:22.04", "disk": 10, "runtype": runtype})
 
 
 async def first_bytes(port: int) -> bytes:

@@ -3,8 +3,10 @@ drop, run commands with a timeout and an output cap, and notice readiness fast."
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +157,32 @@ def _host_key_algs(pin: PinnedKey | None) -> list[str]:
     return _RSA_ALGS if pin.algorithm == "ssh-rsa" else [pin.algorithm]
 
 
+# The container's environment: Vast gives it to the container's PID 1 but not to SSH sessions (so `python` in
+# /opt/conda/bin, LD_LIBRARY_PATH or CONTAINER_API_KEY are missing there). Every command we run first takes it
+# from /proc/1/environ (or the file named by this variable, for instances without their own PID namespace) and
+# puts its PATH before the session's. Session-specific names stay the session's.
+CONTAINER_ENVIRON = "VAST_MCP_CONTAINER_ENVIRON"
+CONTAINER_ENV = r"""__vm_f=${VAR:-/proc/1/environ}
+if [ -r "$__vm_f" ]; then
+  __vm_p=$PATH
+  eval "$(tr '\000' '\n' < "$__vm_f" 2>/dev/null | grep -E '^[A-Za-z_][A-Za-z0-9_]*=' \
+    | grep -vE '^(HOME|USER|LOGNAME|SHELL|PWD|OLDPWD|SHLVL|TERM|MAIL|_|SSH_[A-Za-z_]*|VAST_MCP_[A-Za-z_]*)=' \
+    | sed -e "s/'/'\\\\''/g" -e "s/^\([^=]*\)=\(.*\)\$/export \1='\2'/")"
+  PATH=${PATH:+$PATH:}$__vm_p
+fi
+unset __vm_f __vm_p
+""".replace("VAR", CONTAINER_ENVIRON)
+# Shell start-up files may print (Debian's root .bashrc has no interactive guard, Vast's tmux hook): our output
+# starts after this line, whatever came before it.
+BEGIN = b"\x1evast-mcp-begin "
+MAX_CHANNELS = 8  # per connection; OpenSSH's MaxSessions is 10 by default, and a proxy may allow fewer
+CHANNEL_RETRY_S = 30.0  # how long a refused channel is retried (others on the connection are still running)
+NOISE_LIMIT_S = 60.0  # how long a stream's command may take to start (past the shell's start-up files)
+
+# Never fails on a missing tool: what is absent is simply not listed. `.no_auto_tmux` turns off Vast's tmux
+# hook for later logins, as SkyPilot does.
 _PROBE = r"""
+touch "$HOME/.no_auto_tmux" 2>/dev/null
 v='import sys; print(sys.version.split()[0])'
 py=$( (python3 -c "$v" || python -c "$v") 2>/dev/null)
 echo "python=$py"
@@ -168,10 +195,18 @@ else
   echo nvidia_smi=0
 fi
 echo "disk_free=$(df -Pk "$HOME" 2>/dev/null | awk 'NR==2 {printf "%.0f", $4 * 1024}')"
-for t in tar gzip zstd setsid sha256sum find python3 rsync; do
-  command -v "$t" >/dev/null 2>&1 && echo "tool=$t"
+for t in bash tar gzip zstd setsid sha256sum find python3 python rsync curl wget; do
+  if command -v "$t" >/dev/null 2>&1; then echo "tool=$t"; fi
 done
+if printf '' | sha256sum -z >/dev/null 2>&1; then echo tool=sha256sum-z; fi
+if find / -maxdepth 0 -printf '' >/dev/null 2>&1; then echo tool=find-printf; fi
+exit 0
 """
+
+
+def with_container_env(command: str) -> str:
+    """`command` preceded by the lines that give it the container's environment."""
+    return CONTAINER_ENV + command
 
 
 class RemoteHost:
@@ -196,6 +231,7 @@ class RemoteHost:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = anyio.Lock()
         self._lost = False
+        self._channels = anyio.Semaphore(MAX_CHANNELS)
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """The live connection, opened (or reopened after a drop) on demand."""
@@ -257,16 +293,58 @@ class RemoteHost:
         """Start `command` on the shared connection; a connection found dead is reopened once.
 
         Only the channel open is retried: if it failed, the command never started, so running it again is safe.
+        A channel the server refuses while the connection is fine (its MaxSessions, or a proxy's limit) is
+        retried for a while: the connection and the commands already running on it are left alone.
+        Callers hold a channel slot (`channel()`) around it.
         """
-        for attempt in (1, 2):
+        attempt = 0
+        deadline = time.monotonic() + CHANNEL_RETRY_S
+        delay = 0.05
+        while True:
             conn = await self.connection()
             try:
                 return await conn.create_process(command, **kwargs)
+            except asyncssh.ChannelOpenError:
+                if conn.is_closed() or self._lost:
+                    attempt += 1
+                    self._lost = True
+                    if attempt >= 2:
+                        raise
+                    continue
+                if time.monotonic() + delay > deadline:
+                    raise RemoteCommandError(
+                        f"{self.target.address} refused every new SSH channel for {CHANNEL_RETRY_S:g} s while the "
+                        "connection stayed up (too many sessions at once on it?). Wait for running commands to "
+                        "finish, then try again."
+                    ) from None
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
             except _DROPPED:
+                attempt += 1
                 self._lost = True
-                if attempt == 2:
+                if attempt >= 2:
                     raise
-        raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def channel(self, command: str, **kwargs: Any) -> AsyncIterator[asyncssh.SSHClientProcess[Any]]:
+        """A command on its own channel, within the per-connection channel limit, in the container's environment.
+
+        With `encoding=None`, stdout is positioned after anything the shell's start-up files printed, so it
+        carries the command's bytes only. The channel is closed on the way out.
+        """
+        async with self._channels:
+            proc = await self.process(with_container_env(f"printf '\\036vast-mcp-begin %s\\n' $$\n{command}"), **kwargs)
+            try:
+                with anyio.move_on_after(NOISE_LIMIT_S) as scope:
+                    await _skip_noise(proc.stdout)
+                if scope.cancelled_caught:
+                    raise RemoteCommandError(
+                        f"`{_short(command)}` on {self.target.address} did not start within {NOISE_LIMIT_S:g} s "
+                        "(the shell's start-up files may hang, e.g. waiting for a terminal)."
+                    )
+                yield proc
+            finally:
+                proc.close()
 
     async def run(
         self,
@@ -304,36 +382,43 @@ class RemoteHost:
     ) -> RawResult:
         """`run`, with stdout and stderr kept as bytes (for callers that count bytes, like log cursors)."""
         started = time.monotonic()
-        # sshd makes the session's shell a process-group leader; its pid is the handle to kill everything under it.
-        proc = await self.process(f"echo $$\n{command}", encoding=None)
         out = CappedBuffer(output_cap)
         err = CappedBuffer(output_cap)
         pgid: list[int] = []
         timed_out = True
-        try:
-            with anyio.move_on_after(time_limit):
-                if stdin is not None:
-                    proc.stdin.write(stdin)
-                proc.stdin.write_eof()
-                first = await proc.stdout.readline()
-                if first.strip().isdigit():
-                    pgid.append(int(first))
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_pump, proc.stdout, out)
-                    tg.start_soon(_pump, proc.stderr, err)
-                await proc.wait()
-                timed_out = False
-        except _DROPPED as exc:
-            raise RemoteCommandError(
-                f"The connection to {self.target.address} dropped while `{_short(command)}` ran ({exc}); "
-                "it may or may not have finished. Check its effects before running it again."
-            ) from None
-        finally:
-            if timed_out:
-                proc.close()
-                if pgid:
-                    with anyio.CancelScope(shield=True):
-                        await self._kill_group(pgid[0])
+        async with self._channels:
+            # sshd makes the session's shell a process-group leader; its pid (printed after the start-up noise,
+            # on the line that marks where our output begins) is the handle to kill everything under it.
+            wrapped = with_container_env(f"printf '\\036vast-mcp-begin %s\\n' $$\n{command}")
+            proc = await self.process(wrapped, encoding=None)
+            try:
+                with anyio.move_on_after(time_limit):
+                    if stdin is not None:
+                        proc.stdin.write(stdin)
+                    proc.stdin.write_eof()
+                    first = await _skip_noise(proc.stdout)
+                    if first is None:
+                        pass
+                    elif first.strip().isdigit():
+                        pgid.append(int(first))
+                    else:
+                        out.write(first)  # the shell never reached our line: keep what it said
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(_pump, proc.stdout, out)
+                        tg.start_soon(_pump, proc.stderr, err)
+                    await proc.wait()
+                    timed_out = False
+            except _DROPPED as exc:
+                raise RemoteCommandError(
+                    f"The connection to {self.target.address} dropped while `{_short(command)}` ran ({exc}); "
+                    "it may or may not have finished. Check its effects before running it again."
+                ) from None
+            finally:
+                if timed_out:
+                    proc.close()
+        if timed_out and pgid:
+            with anyio.CancelScope(shield=True):
+                await self._kill_group(pgid[0])
         return RawResult(
             exit_code=None if timed_out else proc.exit_status,
             signal=None if timed_out or not proc.exit_signal else proc.exit_signal[0],
@@ -346,11 +431,13 @@ class RemoteHost:
     async def _kill_group(self, pgid: int) -> None:
         with anyio.move_on_after(10):
             try:
-                proc = await self.process(
-                    f"kill -TERM -- -{pgid} 2>/dev/null; sleep 1; kill -KILL -- -{pgid} 2>/dev/null; true"
-                )
-                await proc.wait()
-            except (*_DROPPED, SSHUnavailableError):
+                # BusyBox's shell rejects `kill -- -PGID`; `kill -SIG -PGID` is the form every shell takes.
+                async with self._channels:
+                    proc = await self.process(
+                        f"kill -TERM -{pgid} 2>/dev/null; sleep 1; kill -KILL -{pgid} 2>/dev/null; true"
+                    )
+                    await proc.wait()
+            except (*_DROPPED, SSHUnavailableError, RemoteCommandError):
                 return
 
     async def check(self, command: str, *, time_limit: float = 60.0, stdin: bytes | None = None) -> str:
@@ -358,7 +445,7 @@ class RemoteHost:
         res = await self.run(command, time_limit=time_limit, stdin=stdin, output_cap=16 * 1024 * 1024)
         if not res.ok:
             why = "timed out" if res.timed_out else f"exited {res.exit_code}"
-            detail = res.stderr.strip()[-2000:]
+            detail = res.stderr.strip()[-2000:] or "(nothing on stderr)"
             raise RemoteCommandError(f"Remote step failed on {self.target.address} ({why}): {detail}")
         return res.stdout
 
@@ -400,9 +487,15 @@ class RemoteHost:
                 # Cut short by our own deadline: the previous attempt's failure says more than "timed out".
                 if last is None or time.monotonic() < deadline:
                     last = SSHUnavailableError("the SSH login or the readiness command took too long", stage="ssh")
-            except (RemoteCommandError, *_DROPPED) as exc:
+            except RemoteCommandError as exc:
+                # The command ran and failed: its exit status and stderr say why (the connection is fine).
+                last = SSHUnavailableError(f"the readiness command failed: {exc}", stage="command")
+            except _DROPPED as exc:
                 self._lost = True
-                last = SSHUnavailableError(f"the readiness command did not run ({exc!r})", stage="command")
+                last = SSHUnavailableError(
+                    f"the connection dropped during the readiness command ({type(exc).__name__}: {exc})",
+                    stage="command",
+                )
             if on_attempt is not None:
                 result = on_attempt(last.stage, str(last))
                 if result is not None:
@@ -499,6 +592,17 @@ def _changed(t: SSHTarget, pin: PinnedKey, presented: asyncssh.SSHKey) -> HostKe
         pinned=pin.key,
         presented=key_line(presented),
     )
+
+
+async def _skip_noise(stream: asyncssh.SSHReader[Any]) -> bytes | None:
+    """Read past whatever the shell printed before our begin line; return the rest of that line (the shell's
+    pid), or, when the stream ended without one, everything read (None if nothing)."""
+    try:
+        await stream.readuntil(BEGIN)
+    except asyncio.IncompleteReadError as exc:
+        return bytes(exc.partial) or None
+    line = await stream.readline()
+    return bytes(line)
 
 
 async def _pump(stream: asyncssh.SSHReader[bytes], sink: CappedBuffer) -> None:

@@ -104,7 +104,9 @@ date +%%s > "$d/started"
 : > "$d/starting"
 if command -v bash >/dev/null 2>&1; then run=bash; else run=sh; fi
 # setsid: its own session and process group, so closing SSH cannot hang it up and cancel can kill all of it.
-VAST_MCP_JOB=$id setsid sh -c '
+# Without it (a rare image) the job still detaches through nohup; cancel then reaches it by its pid.
+if command -v setsid >/dev/null 2>&1; then detach=setsid; else detach=nohup; fi
+VAST_MCP_JOB=$id $detach sh -c '
   d=$1; run=$2
   echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
   rm -f "$d/starting"
@@ -273,10 +275,21 @@ async def cancel_job(host: RemoteHost, job_id: str, *, grace: float = 5.0) -> Jo
 state
 if [ $st = running ] && [ -n "$pid" ]; then
   touch "$d/killed"
-  kill -TERM -- -$pid 2>/dev/null || true
+  # `kill -SIG -PGID`, not `kill -SIG -- -PGID`: BusyBox's shell rejects the `--`. A job started without setsid
+  # has no group of its own: then every process carrying its id in the environment is signalled.
+  signal_job() {{
+    kill -$1 -$pid 2>/dev/null && return 0
+    for p in /proc/[0-9]*; do
+      if tr '\\0' '\\n' < "$p/environ" 2>/dev/null | grep -qx "VAST_MCP_JOB=$id"; then
+        kill -$1 "${{p#/proc/}}" 2>/dev/null
+      fi
+    done
+    return 0
+  }}
+  signal_job TERM
   i=0
-  while kill -0 -- -$pid 2>/dev/null && [ $i -lt {ticks} ]; do sleep {_TICK}; i=$((i + 1)); done
-  kill -KILL -- -$pid 2>/dev/null || true
+  while {{ kill -0 -$pid || kill -0 $pid; }} 2>/dev/null && [ $i -lt {ticks} ]; do sleep {_TICK}; i=$((i + 1)); done
+  signal_job KILL
   sleep {_TICK}
 fi
 state

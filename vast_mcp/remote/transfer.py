@@ -23,6 +23,7 @@ from typing import Any, Literal
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import asyncssh
 
 from ..errors import RemoteCommandError, TransferError, UnsafeArchiveError
 from .archive import (
@@ -179,23 +180,32 @@ async def link_rate(host: RemoteHost) -> float:
 
 
 async def _probe(host: RemoteHost) -> float:
-    proc = await host.process(f"head -c {_PROBE_BYTES} > /dev/null", encoding=None, window=BULK_WINDOW)
-    started = time.monotonic()
-    with anyio.fail_after(120):
-        proc.stdin.write(bytes(_PROBE_BYTES))
-        proc.stdin.write_eof()
-        await proc.wait()
+    async with host.channel(f"head -c {_PROBE_BYTES} > /dev/null", encoding=None, window=BULK_WINDOW) as proc:
+        started = time.monotonic()
+        with anyio.fail_after(120):
+            proc.stdin.write(bytes(_PROBE_BYTES))
+            proc.stdin.write_eof()
+            await proc.wait()
     return _PROBE_BYTES / max(time.monotonic() - started, 1e-6)
 
 
 # --- upload ----------------------------------------------------------------------------------------------------
 
 
+# GNU find prints everything in one pass; where `find -printf` is missing (BusyBox) `stat` gives the raw mode in
+# hex and the link targets come from `readlink`, one record per line (a name with a newline is then re-sent).
 _LIST = r"""
 cd {dest} 2>/dev/null || exit 0
-find {names} -printf '%y\t%s\t%T@\t%l\t%p\0' 2>/dev/null
+if find . -maxdepth 0 -printf '' >/dev/null 2>&1; then
+  find {names} -printf '%y\t%s\t%T@\t%l\t%p\0' 2>/dev/null
+else
+  tab=$(printf '\t')
+  find {names} -exec stat -c "M%f$tab%s$tab%Y$tab%n" {{}} + 2>/dev/null | tr '\n' '\0'
+  find {names} -type l 2>/dev/null | while IFS= read -r f; do printf 'L%s\t%s\0' "$f" "$(readlink "$f")"; done
+fi
 exit 0
 """
+_KINDS = {0o040000: "d", 0o100000: "f", 0o120000: "l"}
 
 
 async def _remote_listing(host: RemoteHost, dest: str, names: Sequence[str]) -> dict[str, tuple[str, int, int, str]]:
@@ -204,13 +214,33 @@ async def _remote_listing(host: RemoteHost, dest: str, names: Sequence[str]) -> 
     res = await host.run_bytes(_LIST.format(dest=remote_path_word(dest), names=words), output_cap=1 << 30)
     if res.exit_code != 0:
         raise TransferError(f"Could not list {dest} on the instance: {res.stderr.text().strip()[-500:]}")
+    return parse_listing(bytes(res.stdout.head + res.stdout.tail))
+
+
+def parse_listing(data: bytes) -> dict[str, tuple[str, int, int, str]]:
+    """The records of `_LIST`, in either of its two forms."""
     found: dict[str, tuple[str, int, int, str]] = {}
-    for record in bytes(res.stdout.head + res.stdout.tail).split(b"\0"):
-        fields = record.decode("utf-8", "surrogateescape").split("\t", 4)
-        if len(fields) != 5:
+    links: dict[str, str] = {}
+    for record in data.split(b"\0"):
+        text = record.decode("utf-8", "surrogateescape")
+        if text.startswith("M"):
+            raw = text[1:].split("\t", 3)
+            if len(raw) == 4 and raw[1].isdigit() and raw[2].isdigit():
+                letter = _KINDS.get(int(raw[0], 16) & 0o170000, "?")
+                found[raw[3].removeprefix("./")] = (letter, int(raw[1]), int(raw[2]), "")
             continue
-        kind, size, mtime, link, path = fields
+        if text.startswith("L"):
+            name, _, target = text[1:].partition("\t")
+            links[name.removeprefix("./")] = target
+            continue
+        parts = text.split("\t", 4)
+        if len(parts) != 5:
+            continue
+        kind, size, mtime, link, path = parts
         found[path.removeprefix("./")] = (kind, int(size), int(float(mtime)), link)
+    for name, target in links.items():
+        if name in found:
+            found[name] = (*found[name][:3], target)
     return found
 
 
@@ -306,7 +336,9 @@ async def _plan(
     big = [e for e in todo if e.kind == "file" and e.size >= SMALL_FILE]
     rest = [e for e in todo if not (e.kind == "file" and e.size >= SMALL_FILE)]
     level = 0
-    if compression == "always":
+    if not _has(host, "gzip"):
+        pass  # an image without gzip gets the tar stream as is
+    elif compression == "always":
         level = 6
     elif compression == "auto" and total >= _WORTH_PROBING:
         rate = await link_rate(host)
@@ -321,6 +353,11 @@ async def _plan(
     return lanes, f"gzip-{level}"
 
 
+def _has(host: RemoteHost, tool: str) -> bool:
+    """Whether the instance has `tool`; assumed when its tools were never probed (`wait_ready` lists them)."""
+    return not host.tools or tool in host.tools
+
+
 def _learn_rate(host: RemoteHost, lanes: list[_Lane]) -> None:
     # A raw lane's throughput is a floor for the link's: remember it so the next transfer needs no probe.
     for lane in lanes:
@@ -329,9 +366,16 @@ def _learn_rate(host: RemoteHost, lanes: list[_Lane]) -> None:
 
 
 async def _send_lane(host: RemoteHost, remote_dir: str, lane: _Lane, hash_files: bool, progress: _Progress) -> None:
-    unpack = "gzip -dc | tar -x -f - --no-same-owner" if lane.level else "tar -x -f - --no-same-owner"
+    # `-o` is --no-same-owner on extraction for GNU tar and BusyBox alike (BusyBox has no long form).
+    unpack = "gzip -dc | tar -x -o -f -" if lane.level else "tar -x -o -f -"
     dest = remote_path_word(remote_dir)
-    proc = await host.process(f"mkdir -p {dest} && cd {dest} && {unpack}", encoding=None, window=BULK_WINDOW)
+    async with host.channel(f"mkdir -p {dest} && cd {dest} && {unpack}", encoding=None, window=BULK_WINDOW) as proc:
+        await _send_lane_on(proc, lane, hash_files, progress, remote_dir)
+
+
+async def _send_lane_on(
+    proc: asyncssh.SSHClientProcess[bytes], lane: _Lane, hash_files: bool, progress: _Progress, remote_dir: str
+) -> None:
     send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](4)
     started = time.monotonic()
 
@@ -410,10 +454,18 @@ async def _verify_upload(
 
 async def _remote_hashes(host: RemoteHost, dest_word: str, names: list[str]) -> dict[str, str]:
     listing = b"".join(("./" + n).encode("utf-8", "surrogateescape") + b"\0" for n in names)
-    res = await host.run_bytes(
-        f"cd {dest_word} && xargs -0 -r sha256sum -z --", stdin=listing, output_cap=1 << 30, time_limit=3600
-    )
+    script = f"cd {dest_word} && {{ {_sums('xargs -0 -r', 'sha256sum -z --', 'sha256sum --')}; }}"
+    res = await host.run_bytes(script, stdin=listing, output_cap=1 << 30, time_limit=3600)
     return _parse_sums(bytes(res.stdout.head + res.stdout.tail))
+
+
+def _sums(runner: str, with_z: str, plain: str) -> str:
+    """`runner with_z` where `sha256sum -z` exists; else `runner plain` with its lines made NUL-separated
+    (coreutils before 8.30 and BusyBox have no -z)."""
+    return (
+        f"if printf '' | sha256sum -z >/dev/null 2>&1; then {runner} {with_z}; "
+        f"else {runner} {plain} | tr '\\n' '\\0'; fi"
+    )
 
 
 # Hashes files the way `find -type f -exec sha256sum -z` does, three times faster where OpenSSL has SHA
@@ -443,8 +495,13 @@ for top in sys.argv[1:]:
 def _parse_sums(data: bytes) -> dict[str, str]:
     out = {}
     for record in data.split(b"\0"):
+        escaped = record.startswith(b"\\")  # GNU without -z escapes names holding a newline or backslash
+        if escaped:
+            record = record[1:]
         if len(record) > 66 and record[64:66] == b"  ":
             name = record[66:].decode("utf-8", "surrogateescape")
+            if escaped:
+                name = name.replace("\\n", "\n").replace("\\\\", "\\")
             out[name.removeprefix("./")] = record[:64].decode("ascii")
     return out
 
@@ -487,12 +544,17 @@ async def download(
         rate = await link_rate(host)
         level = 0 if rate >= FAST_LINK else 1 if rate >= SLOW_LINK else 6
     pack = "; ".join(f"(cd {remote_path_word(d)} && tar -c -f - -- ./{glob_word(g)})" for d, g in groups)
+    # Python where the image has it (faster), else sha256sum with or without -z.
     sums = "; ".join(
-        f"(cd {remote_path_word(d)} && {{ python3 -c {shlex.quote(_PYSUM)} ./{glob_word(g)} 2>/dev/null || "
-        f"find ./{glob_word(g)} -type f -exec sha256sum -z -- {{}} +; }})"
+        f"(cd {remote_path_word(d)} && {{ py=$(command -v python3 || command -v python); "
+        f'if [ -n "$py" ] && "$py" -c {shlex.quote(_PYSUM)} ./{glob_word(g)} 2>/dev/null; then :; else '
+        + _sums(f"find ./{glob_word(g)} -type f -exec", "sha256sum -z -- {} +", "sha256sum -- {} +")
+        + "; fi; })"
         for d, g in groups
     )
     codec = "raw"
+    if level and not _has(host, "gzip"):
+        level = 0
     if level:
         # zstd where both ends have it: several times gzip's speed at a better ratio, and it passes
         # incompressible data through almost for free. gzip otherwise, which every image has.
@@ -542,18 +604,17 @@ async def download(
         [sys.executable, "-m", "vast_mcp.remote.unpack", str(dest), str(max_bytes), codec],
         stderr=subprocess.DEVNULL,
     )
-    proc = await host.process(command, encoding=None, window=BULK_WINDOW)
     try:
-        async with worker, anyio.create_task_group() as tg:
-            tg.start_soon(hashes)
-            tg.start_soon(drain_stderr)
-            tg.start_soon(collect)
-            await pump()
-            await proc.wait()
+        async with host.channel(command, encoding=None, window=BULK_WINDOW) as proc:
+            async with worker, anyio.create_task_group() as tg:
+                tg.start_soon(hashes)
+                tg.start_soon(drain_stderr)
+                tg.start_soon(collect)
+                await pump()
+                await proc.wait()
+            exit_status = proc.exit_status
     except (OSError, RemoteCommandError) as exc:
         raise TransferError(f"The download was cut off ({exc}). Download again.") from None
-    finally:
-        proc.close()
     files_hashes: dict[str, str] = report.get("hashes", {})
     refused: list[str] = report.get("refused", [])
     if report.get("error"):
@@ -564,8 +625,8 @@ async def download(
     stderr = errors.decode("utf-8", "replace")
     missing = sorted(set(re.findall(r"tar: \./(.+?): Cannot stat: No such file or directory", stderr)))
     missing += [d for d, _ in groups if f"can't cd to {d}" in stderr or f"cd: {d}" in stderr]
-    if proc.exit_status not in (0, None) and not missing and not files_hashes:
-        raise TransferError(f"Packing on the instance failed (exit {proc.exit_status}): {stderr.strip()[-1500:]}")
+    if exit_status not in (0, None) and not missing and not files_hashes:
+        raise TransferError(f"Packing on the instance failed (exit {exit_status}): {stderr.strip()[-1500:]}")
     verified = [n for n, digest in files_hashes.items() if manifest.get(n) == digest]
     mismatched = sorted(n for n, digest in files_hashes.items() if n in manifest and manifest[n] != digest)
     unconfirmed = sorted(n for n in files_hashes if n not in manifest)

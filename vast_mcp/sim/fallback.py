@@ -1,9 +1,12 @@
 """Instances as in-process SSH servers (asyncssh), for machines where the sshd backend cannot run.
 
 No root, no namespaces: an instance is an SSH server on the service loop with its own host key, whose
-commands run as `bash -c` subprocesses with HOME and the working directory set to the instance's `root/`
-folder and the container environment. `/root` and `/workspace` in a command still mean the machine's own,
-so jobs should use `~` or relative paths here; the sshd backend has no such limit.
+commands run under the image profile's login shell with HOME and the working directory set to the instance's
+`root/` folder. The image shows through the `PATH`: sessions get only the profile's command folders (links under
+the instance's disk, see `images.materialize`), and, as on Vast, not the container's environment, which goes to
+the stand-in PID 1 and `onstart` and to a file named in `$VAST_MCP_CONTAINER_ENVIRON` (there is no PID namespace
+whose /proc/1 could hold it). `/root`, `/workspace`, `/bin/sh` and absolute host paths in a command still mean
+the machine's own, so jobs should use `~` or relative paths here; the sshd backend has no such limits.
 
 Every process of the instance carries a marker in its environment (inherited by anything it starts), which
 is how `alive_pids()` finds background jobs that left their session, and how `stop()` ends them.
@@ -25,11 +28,15 @@ import anyio
 import anyio.abc
 import asyncssh
 from anyio.abc import TaskStatus
+from asyncssh.process import SSHServerProcess
 
+from ..remote.connect import CONTAINER_ENVIRON
 from .hosts import DiskHost, HostSpec, InstanceDisk, RefusalWindow, SimHostError, host_pids
+from .images import COVERED, SESSION_PATH, ImageProfile, materialize
 from .relay import SERVICE_LOOP, BackgroundService, Relay
 
 MARKER = "VAST_MCP_SIM_HOST"
+MAX_SESSIONS = 10  # channels per connection, as OpenSSH ships (`MaxSessions`)
 _KILL_TIMEOUT = 10.0
 _CHUNK = 1 << 18
 _LINUX = sys.platform.startswith("linux")
@@ -70,7 +77,7 @@ class AsyncsshHost(DiskHost):
                 self._state = "stuck"
                 return
             await anyio.to_thread.run_sync(self._prepare)
-            server = _InstanceServer(self.spec, self.disk)
+            server = _InstanceServer(self.spec, self.disk, self.profile)
             try:
                 port = await server.open()
                 self._server = server
@@ -95,8 +102,9 @@ class AsyncsshHost(DiskHost):
         return [] if self._server is None else self._server.alive_pids()
 
     def _prepare(self) -> None:
-        self.disk.prepare(self.spec)
+        self.disk.prepare(self.spec, self.profile.bashrc)
         self.disk.ensure_host_key()
+        materialize(self.profile, self.disk.host / "fs")
 
     async def _halt(self) -> None:
         if self._relay is not None:
@@ -117,10 +125,13 @@ class _InstanceServer(BackgroundService):
     as a container has, and its end is the end of the instance: everything else is killed then.
     """
 
-    def __init__(self, spec: HostSpec, disk: InstanceDisk) -> None:
+    def __init__(self, spec: HostSpec, disk: InstanceDisk, profile: ImageProfile) -> None:
         super().__init__()
         self.spec = spec
         self.disk = disk
+        self.profile = profile
+        self.tree = disk.host / "fs"  # the image's command folders (see images.materialize)
+        self.sessions: dict[asyncssh.SSHServerConnection, int] = {}  # open session channels per connection
         self.marker = f"{spec.instance_id}-{secrets.token_hex(8)}"
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
@@ -129,17 +140,46 @@ class _InstanceServer(BackgroundService):
         # SSH port, so no observer sees "every process gone" while the port is still reported.
         self.ending = threading.Event()
 
-    def env(self) -> dict[str, str]:
+    def _in_tree(self, path: str) -> str:
+        return str(self.tree) + path
+
+    def session_env(self) -> dict[str, str]:
+        """What an SSH session sees: a login environment, without the container's variables (as on Vast)."""
         home = str(self.disk.root)
-        base = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        user = getpass.getuser()
+        path = ":".join(self._in_tree(d) for d in SESSION_PATH.split(":") if d in COVERED)
+        return {
+            "PATH": path,
             "HOME": home,
-            "USER": getpass.getuser(),
-            "LOGNAME": getpass.getuser(),
-            "SHELL": "/bin/bash",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "USER": user,
+            "LOGNAME": user,
+            "SHELL": self.profile.login_shell,
+            # bash reads ~/.bashrc for `bash -c` when these are set, as under sshd.
+            "SSH_CLIENT": "127.0.0.1 0 22",
+            "SSH_CONNECTION": "127.0.0.1 0 127.0.0.1 22",
+            # Here the instance has no PID namespace, so /proc/1 is the host's: this names the container's own.
+            CONTAINER_ENVIRON: str(self.disk.host / "container.environ"),
+            MARKER: self.marker,
         }
-        return {**base, **self.spec.env, MARKER: self.marker}
+
+    def container_env(self) -> dict[str, str]:
+        """The container's environment (PID 1, onstart), its PATH pointing at the image's command folders."""
+        env = {**self.profile.container_env, **self.spec.env}
+        folders = [d for d in env.get("PATH", SESSION_PATH).split(":") if d in COVERED or d in self.profile.extra_dirs]
+        env["PATH"] = ":".join(self._in_tree(d) for d in folders)
+        return {**env, "HOME": str(self.disk.root), MARKER: self.marker}
+
+    def _write_environ(self) -> None:
+        env = {k: v for k, v in self.container_env().items() if k != MARKER}
+        data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        path = self.disk.host / "container.environ"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+    def shell(self) -> str:
+        login = self._in_tree("/usr/bin/" + os.path.basename(self.profile.login_shell))
+        return login if os.path.exists(login) else self._in_tree("/usr/bin/sh")
 
     async def serve(self, task_status: TaskStatus[Any]) -> None:
         key = asyncssh.read_private_key(self.disk.host_key)
@@ -148,7 +188,6 @@ class _InstanceServer(BackgroundService):
             0,
             server_factory=lambda: _SSHServer(self),
             server_host_keys=[key],
-            process_factory=self._session,
             encoding=None,
             allow_scp=False,
             x11_forwarding=False,
@@ -157,11 +196,20 @@ class _InstanceServer(BackgroundService):
         try:
             faults = self.spec.faults
             lifetime = "2147483647" if faults is None or faults.exit_after is None else f"{faults.exit_after:g}"
-            init = await self._spawn(["sleep", lifetime], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            await anyio.to_thread.run_sync(self._write_environ)
+            container = self.container_env()
+            init = await self._spawn(
+                [self._in_tree("/usr/bin/sleep"), lifetime],
+                container,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
             if self.spec.onstart:
                 log = await anyio.to_thread.run_sync(self._open_log)
                 try:
-                    await self._spawn(["bash", "onstart.sh"], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                    await self._spawn(
+                        [self.shell(), "onstart.sh"], container, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                    )
                 finally:
                     os.close(log)
             task_status.started(self._acceptor.get_port())
@@ -192,19 +240,20 @@ class _InstanceServer(BackgroundService):
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    async def _spawn(self, argv: list[str], **kwargs: Any) -> anyio.abc.Process:
+    async def _spawn(self, argv: list[str], env: dict[str, str], **kwargs: Any) -> anyio.abc.Process:
         # A session of its own, so the group can be signalled where /proc cannot list the instance's processes.
-        proc = await anyio.open_process(argv, cwd=self.disk.root, env=self.env(), start_new_session=True, **kwargs)
+        proc = await anyio.open_process(argv, cwd=self.disk.root, env=env, start_new_session=True, **kwargs)
         self._groups.add(proc.pid)
         return proc
 
     async def _session(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         command = process.command
-        argv = ["bash", "-c", command] if command else ["bash"]
+        shell = self.shell()
+        argv = [shell, "-c", command] if command else [shell]
         try:
-            proc = await self._spawn(argv)
+            proc = await self._spawn(argv, self.session_env())
         except OSError as exc:
-            process.stderr.write(f"cannot run bash: {exc}\n".encode())
+            process.stderr.write(f"cannot run {shell}: {exc}\n".encode())
             process.exit(127)
             return
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -297,9 +346,26 @@ class _SSHServer(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._owner._connections.discard(self._conn)
+            self._owner.sessions.pop(self._conn, None)
 
     def begin_auth(self, username: str) -> bool:
         return True
+
+    def session_requested(self) -> Any:
+        # OpenSSH's default MaxSessions: an 11th channel on one connection is refused.
+        conn = self._conn
+        if conn is None or self._owner.sessions.get(conn, 0) >= MAX_SESSIONS:
+            return False
+        self._owner.sessions[conn] = self._owner.sessions.get(conn, 0) + 1
+        owner = self._owner
+
+        async def run(process: asyncssh.SSHServerProcess[bytes]) -> None:
+            try:
+                await owner._session(process)
+            finally:
+                owner.sessions[conn] = owner.sessions.get(conn, 1) - 1
+
+        return SSHServerProcess(run, None, 0, False)
 
     def password_auth_supported(self) -> bool:
         return False

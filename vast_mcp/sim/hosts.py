@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import anyio
 
 from ..errors import ConfigError, VastMCPError
+from .images import profile_for
 
 BACKEND_ENV = "VAST_MCP_SIM_BACKEND"
 SSHD_PATH = Path("/usr/sbin/sshd")
@@ -57,6 +58,7 @@ class HostSpec:
     bandwidth_limit: int | None = None  # bytes per second, for the "slow host" fault
     extra: dict[str, str] = field(default_factory=dict)
     faults: HostFaults | None = None
+    image: str | None = None  # the image named at create: decides the instance's profile (`images.py`)
 
     def ssh_refuse_for(self) -> float:
         """Seconds after boot during which SSH refuses: from `faults`, else from the API's `extra`."""
@@ -170,6 +172,7 @@ class DiskHost:
 
     def __init__(self, spec: HostSpec) -> None:
         self.spec = spec
+        self.profile = profile_for(spec.image)
         self.disk = InstanceDisk(spec.disk_dir)
         self._state: HostState = "new"
         self._lock: anyio.Lock | None = None
@@ -282,7 +285,7 @@ class InstanceDisk:
         self.host_key = self.host / "ssh_host_ed25519_key"
         self.authorized_keys = self.root / ".ssh" / "authorized_keys"
 
-    def prepare(self, spec: HostSpec) -> None:
+    def prepare(self, spec: HostSpec, bashrc: str = "") -> None:
         """Lay the disk out for a boot. Blocking: run it in a worker thread."""
         for folder, mode in ((self.root / ".ssh", 0o700), (self.workspace, 0o755), (self.host, 0o700)):
             folder.mkdir(parents=True, exist_ok=True)
@@ -290,9 +293,11 @@ class InstanceDisk:
         # Keys are written once: later ones arrive through add_authorized_key, and a job may edit the file.
         if not self.authorized_keys.exists():
             _write_private(self.authorized_keys, "".join(f"{k.strip()}\n" for k in spec.authorized_keys))
-        # sshd's PermitUserEnvironment format: NAME=value, one per line, no quoting, so no newlines in values.
-        env_lines = [f"{k}={v}\n" for k, v in spec.env.items() if "\n" not in v and "=" not in k]
-        _write_private(self.root / ".ssh" / "environment", "".join(env_lines))
+        # The container's environment reaches PID 1 only (as on Vast), never SSH sessions: no ~/.ssh/environment.
+        (self.root / ".ssh" / "environment").unlink(missing_ok=True)
+        rc = self.root / ".bashrc"
+        if bashrc and not rc.exists():  # the image's dotfile, once: a job or the user may edit it afterwards
+            rc.write_text(bashrc)
         onstart = self.root / "onstart.sh"
         if spec.onstart:
             _write_private(onstart, spec.onstart if spec.onstart.endswith("\n") else spec.onstart + "\n")

@@ -52,8 +52,9 @@ def _uvicorn_server(cloud: SimCloud, log_level: str) -> uvicorn.Server:
         log_level=log_level,
         lifespan="on",
         access_log=False,
-        # The CLI opens a new connection for every request; keep-alive buys nothing and delays shutdown.
-        timeout_keep_alive=1,
+        # As long as common front ends keep an idle connection (nginx: 75 s). A shorter one than the clients' pool
+        # expiry (httpx: 5 s) races: a client reuses a connection the server is closing, and a create is lost.
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)

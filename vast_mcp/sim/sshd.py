@@ -1,8 +1,10 @@
 """Instances that are real OpenSSH servers, each in its own mount and PID namespace (needs root).
 
 Boot: `setpriv --pdeathsig KILL unshare -m -p --fork --kill-child --mount-proc bash -c INIT`. The namespace's
-first process (INIT, PID 1 inside) binds the instance's disk over /root and /workspace, starts `sshd -D` and the
-`onstart` script, then reaps orphans forever. What we hold on the host side:
+first process (INIT, PID 1 inside) binds the instance's disk over /root and /workspace, covers the command folders
+with the image profile's (see `images.py`: only its commands exist, its shell is /bin/sh and root's login
+shell), starts `sshd -D` and the `onstart` script, then reaps orphans forever. Its environment is the container's
+(the image's ENV, CONTAINER_API_KEY...), which sshd does not pass to SSH sessions. What we hold on the host side:
 
 - the host PID of that first process, found as the child of `unshare` and held as a pidfd. Killing a PID
   namespace's init kills everything in it; killing `unshare` would not (its child is re-parented and keeps
@@ -33,31 +35,43 @@ from .hosts import (
     host_pids,
     process_state,
 )
+from .images import COVERED, materialize
 from .relay import SERVICE_LOOP, Relay, pick_loopback_endpoint, wait_accepting
 
 # Inside every namespace the instance's disk is bound here first, so its files stay reachable after /root is
 # covered (the disk usually lives under the host's /root, in the state dir).
 MOUNT_POINT = Path("/run/vast-mcp-sim")
+# A second view of the host's /usr, where the image profile's command links point (its /usr/bin is covered).
+USR_VIEW = Path("/run/vast-mcp-sim-usr")
 # Host directories that must exist: sshd's privilege-separation dir, and mount points for the binds.
-_HOST_DIRS = (Path("/run/sshd"), MOUNT_POINT, Path("/workspace"))
+_HOST_DIRS = (Path("/run/sshd"), MOUNT_POINT, USR_VIEW, Path("/workspace"))
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _KILL_TIMEOUT = 10.0
 
 _INIT = r"""
 set -e
-disk=$1 sshd=$2 exit_after=$3 mnt=/run/vast-mcp-sim
+disk=$1 sshd=$2 exit_after=$3 folders=$4 mnt=/run/vast-mcp-sim u=/run/vast-mcp-sim-usr
 mount --make-rprivate /
 mount --bind "$disk" "$mnt"
 mount --bind "$mnt/root" /root
 mount --bind "$mnt/workspace" /workspace
 if [ -f "$mnt/host/shadow" ]; then mount --bind "$mnt/host/shadow" /etc/shadow; fi
+if [ -f "$mnt/host/passwd" ]; then mount --bind "$mnt/host/passwd" /etc/passwd; fi
+# The image's commands: the host's /usr stays reachable at $u for the links, then the command folders are covered.
+mount --bind /usr "$u"
+for d in $folders; do
+  if [ -L "$d" ]; then continue; fi
+  "$u/bin/mount" --bind "$mnt/host/fs$d" "$d"
+done
 "$sshd" -D -f "$mnt/host/sshd_config" -E "$mnt/host/sshd.log" </dev/null >/dev/null 2>&1 &
 set +e
 cd /root
-if [ -f /root/onstart.sh ]; then bash /root/onstart.sh </dev/null & fi
+if [ -f /root/onstart.sh ]; then
+  if command -v bash >/dev/null 2>&1; then bash /root/onstart.sh </dev/null & else sh /root/onstart.sh </dev/null & fi
+fi
 # PID 1 must reap: jobs that outlive their SSH session are re-parented to it. bash reaps any child on SIGCHLD.
-if [ -n "$exit_after" ]; then sleep "$exit_after" & wait $!; exit 1; fi
-while :; do sleep 86400 & wait $!; done
+if [ -n "$exit_after" ]; then "$u/bin/sleep" "$exit_after" & wait $!; exit 1; fi
+while :; do "$u/bin/sleep" 86400 & wait $!; done
 """
 
 _SSHD_CONFIG = """\
@@ -71,13 +85,13 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
-PermitUserEnvironment yes
+PermitUserEnvironment no
 X11Forwarding no
 PrintMotd no
 PrintLastLog no
 UseDNS no
 MaxStartups 100:30:300
-MaxSessions 100
+MaxSessions 10
 LogLevel ERROR
 Subsystem sftp internal-sftp
 """
@@ -109,6 +123,7 @@ class NamespaceSshdHost(DiskHost):
         self._ns_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the PID namespace
         self._relay: Relay | None = None
         self._internal: tuple[str, int] | None = None  # where sshd listens, behind the relay
+        self._folders: list[str] = list(COVERED)
 
     # --- the Host contract ---------------------------------------------------------------------------------
 
@@ -159,12 +174,14 @@ class NamespaceSshdHost(DiskHost):
         config = _SSHD_CONFIG.format(address=address, port=port, mnt=MOUNT_POINT)
         await anyio.Path(self.disk.host / "sshd_config").write_text(config)
         log = await anyio.to_thread.run_sync(self._open_log)
-        env = {"PATH": _DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "SHELL": "/bin/bash", **spec.env}
+        # PID 1 gets the container's environment (the image's ENV plus Vast's); SSH sessions do not.
+        env = {"PATH": _DEFAULT_PATH, **self.profile.container_env, "HOME": "/root", **spec.env}
         exit_after = "" if spec.faults is None or spec.faults.exit_after is None else f"{spec.faults.exit_after:g}"
         command = [
             "setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", "--propagation", "private",
-            "bash", "-c", _INIT, "vast-sim-init", str(self.disk.path.resolve()), str(self._backend.sshd), exit_after,
+            "bash", "-c", _INIT, "vast-sim-init", str(self.disk.path.resolve()), _in_usr_view(self._backend.sshd),
+            exit_after, " ".join(self._folders),
         ]  # fmt: skip
         try:
             self._proc = await anyio.open_process(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
@@ -184,7 +201,18 @@ class NamespaceSshdHost(DiskHost):
     def _prepare(self) -> None:
         for folder in _HOST_DIRS:
             folder.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.disk.prepare(self.spec)
+        self.disk.prepare(self.spec, self.profile.bashrc)
+        laid = materialize(self.profile, self.disk.host / "fs", host_prefix=str(USR_VIEW))
+        # Covered inside the namespace: the command folders, and the top folder of each image-only one (/opt).
+        tops = sorted({"/" + d.strip("/").split("/")[0] for d in laid.dirs if d not in COVERED})
+        for top in tops:
+            Path(top).mkdir(mode=0o755, exist_ok=True)  # a mount point on the host; stays empty there
+        self._folders = [*COVERED, *tops]
+        passwd = _passwd_with_shell(self.profile.login_shell)
+        if passwd is None:
+            (self.disk.host / "passwd").unlink(missing_ok=True)
+        else:
+            (self.disk.host / "passwd").write_text(passwd)
         self.disk.ensure_host_key()
         shadow = self.disk.host / "shadow"
         patched = _unlocked_shadow()
@@ -319,6 +347,29 @@ def _child_of(parent: int) -> int | None:
         if st is not None and st[1] == parent:
             return pid
     return None
+
+
+def _in_usr_view(path: Path) -> str:
+    """`path` as reached inside the namespace, where /usr/... is covered and the host's /usr is at USR_VIEW."""
+    real = os.path.realpath(path)
+    return str(USR_VIEW) + real.removeprefix("/usr") if real.startswith("/usr/") else real
+
+
+def _passwd_with_shell(shell: str) -> str | None:
+    """A copy of /etc/passwd with root's login shell set to `shell`, or None when it is that already."""
+    try:
+        with open("/etc/passwd") as fh:
+            lines = fh.read().splitlines(keepends=True)
+    except OSError:
+        return None
+    changed = False
+    for i, line in enumerate(lines):
+        fields = line.rstrip("\n").split(":")
+        if fields[0] == "root" and len(fields) == 7 and fields[6] != shell:
+            fields[6] = shell
+            lines[i] = ":".join(fields) + "\n"
+            changed = True
+    return "".join(lines) if changed else None
 
 
 def _unlocked_shadow() -> str | None:

@@ -28,6 +28,7 @@ import anyio.abc
 from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_offer, storage_per_hour
 from .faults import FaultBook, InstanceFaults
 from .hosts import Host, HostBackend, HostSpec, StateOnlyBackend
+from .images import profile_for
 from .relay import Relay
 from .search import number
 
@@ -406,6 +407,7 @@ class SimCloud:
             log_path=log_path,
             bandwidth_limit=faults.bandwidth_limit,
             extra=faults.to_extra(),
+            image=body.get("image"),
         )
         now = self.clock()
         inst = SimInstance(
@@ -668,6 +670,7 @@ class SimCloud:
             "destroyed_at": inst.destroyed_at,
             "label": inst.label,
             "image": inst.image,
+            "image_profile": profile_for(inst.image).name,
             "runtype": inst.runtype,
             "created_at": inst.created_at,
             "dph_total": inst.dph_total,

@@ -260,8 +260,10 @@ def register(mcp: MCPServer) -> None:
         """Wait until an instance is really usable: Vast says running, SSH accepts our key and a command runs.
 
         Waits at most timeout_s (≤ 45) and reports progress; if it is not ready yet, call again (the instance keeps
-        booting). Reports the GPUs (nvidia-smi), free disk and Python version. failed=true means the instance
-        cannot recover (exited/offline): destroy it and pick another offer.
+        booting). Reports the GPUs (nvidia-smi), free disk and Python version, and warns when the image cannot run
+        the dead-man's switch. Not ready: names the SSH step that failed and why, and what a repeated failure
+        probably means. failed=true means the instance cannot recover (exited/offline): destroy it and pick
+        another offer.
         """
         with agent_errors():
             result = await (await service_of(ctx)).wait_ready(instance_id, timeout_s, progress_of(ctx))
