@@ -34,7 +34,7 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
-from .framing import DATA_BUDGET, shown_size, visible
+from .framing import DATA_BUDGET, RESULT_CAP, json_size, shown_size, visible
 from .ledger import LedgerInstance
 from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
@@ -399,16 +399,20 @@ class RunBook:
     ) -> RunView:
         """The run as the agent sees it, with a page of its log from `cursor` that fits one answer escaped (the
         stored log is already masked: every page of it was, before it was stored)."""
-        budget = DATA_BUDGET
-        if run.receipt is not None and run.receipt.outcome != "succeeded":
-            budget -= shown_size(run.receipt.log_tail)
         text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        view = await self._view(run, start, nxt, skipped, with_approval)
+        # The log page gets what the rest of the answer (state, tries, receipt, its log end) leaves of the cap.
+        budget = min(DATA_BUDGET, RESULT_CAP - json_size(view.model_dump(mode="json")) - shown_size(view.summary()))
+        budget -= 1024  # the block's own lines, and slack
         for _ in range(FIT_ROUNDS):
             shown = shown_size(text)
             if shown <= budget or nxt - start <= 1:
                 break
             max_bytes = max(1, min(nxt - start - 1, int((nxt - start) * budget / shown * 0.9)))
             text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        return (await self._view(run, start, nxt, skipped, with_approval)).with_log(text)
+
+    async def _view(self, run: Run, start: int, nxt: int, skipped: int, with_approval: bool) -> RunView:
         return RunView(
             status=run.status,
             run_id=run.id,
@@ -426,7 +430,7 @@ class RunBook:
             log_skipped_bytes=skipped,
             receipt=run.receipt,
             warnings=list(run.warnings),
-        ).with_log(text)
+        )
 
     async def wait(self, run: Run, cursor: int, wait_s: float, progress: Progress) -> None:
         """Wait up to `wait_s` for the end of the run, or for a full page of new log after `cursor`.

@@ -221,6 +221,28 @@ async def test_run_status_shows_the_run_log_masked_and_framed(settings: Settings
     assert not [r for r in sim_instances(cloud_server) if not r["destroyed"]], "no instance is left"
 
 
+@pytest.mark.anyio
+async def test_run_status_answers_stay_within_the_cap_for_binary_logs(
+    settings: Settings, cloud_server: SimServer
+) -> None:
+    args = {"command": "head -c 150000 /dev/urandom; exit 3", "max_runtime_hours": 1, "disk_gb": 20}
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        started = await client.call_tool("run_job", args)
+        assert not started.is_error, result_text(started)
+        run_id = (started.structured_content or {})["run_id"]
+        cursor, pages = 0, 0
+        for _ in range(60):
+            result = await client.call_tool("run_status", {"run_id": run_id, "cursor": cursor, "wait_s": 10})
+            text, view = result_text(result), result.structured_content or {}
+            assert not result.is_error and not RAW.search(text), text[:300]
+            assert answer_size(result) <= RESULT_CAP, "the log page and the receipt's log end share one cap"
+            cursor, pages = view["next_cursor"], pages + 1
+            if view["status"] != "running" and not view["log_more"]:
+                break
+        assert view["status"] == "failed" and "log-end" in read_blocks(text), "the receipt shows the log's end"
+    assert not [r for r in sim_instances(cloud_server) if not r["destroyed"]], "no instance is left"
+
+
 # --- output is data ---------------------------------------------------------------------------------------------
 
 
