@@ -34,14 +34,17 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
+from .framing import DATA_BUDGET, name_list, shown_size
 from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
 from .lifecycle import spawn_reaper
+from .pages import FIT_ROUNDS, fit, render, split_budget
 from .reaper import ReapReport, destroy_confirmed, destroy_row, find_by_label, reap_dead_sessions, reap_session
+from .redact import MASK, SecretBook, held_back, mask, starts_inside
 from .remote.blocking import in_thread
 from .remote.connect import HostInfo, RemoteHost, RemoteHosts, SSHTarget
 from .remote.diagnose import SSHFailures
 from .remote.hostkeys import HostKeyStore
-from .remote.jobs import JOBS_DIR, JobStatus, cancel_job, start_job, tail_job
+from .remote.jobs import JOBS_DIR, JobStatus, LogChunk, cancel_job, start_job, tail_job
 from .remote.keys import ClientKey, load_client_key
 from .remote.transfer import TransferProgress, download, upload
 from .results import (
@@ -69,7 +72,7 @@ Progress = Callable[[float, float | None, str], Awaitable[None]]
 API_POLL_S = 3.0  # show-instance polls while booting: Vast limits that route to one call every ~2 s per key
 HEARTBEAT_S = 60.0
 SWEEP_S = 60.0  # how often a running server looks for sessions that died since it started
-OUTPUT_CAP = 64 * 1024  # bytes of command output returned to the model; the middle is cut, and that is said
+OUTPUT_CAP = 64 * 1024  # bytes of each command stream kept; the middle is cut (more to fit the answer) and said
 TEARDOWN_INLINE_S = 1.2  # what the stdio host leaves us after closing stdin, minus a margin
 DESTROY_WITHIN_S = 40.0
 LIMITS_CHECK_S = 1.0  # how often a session checks its instances' max runtimes and its spend cap
@@ -163,7 +166,7 @@ class Service:
         self.approvals = Approvals(settings.caps, self.quotes)
         self.hosts = RemoteHosts(key, HostKeyStore.in_state_dir(settings.state_dir))
         self._key_registered = False
-        self._secrets: set[str] = set()
+        self.secrets = SecretBook([settings.api_key.reveal()])
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._ssh_failures: dict[int, SSHFailures] = {}  # why each instance was not ready, across calls
         self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
@@ -672,13 +675,13 @@ class Service:
         res = await download(host, remote_paths, dest, on_progress=report)
         if res.missing and not res.files:
             raise TransferError(
-                f"Nothing on instance {instance_id} matches {', '.join(res.missing)}. Check the paths with "
+                f"Nothing on instance {instance_id} matches {name_list(res.missing)}. Check the paths with "
                 "run_command (e.g. ls); relative paths start at the home directory."
             )
         if res.mismatched:
             raise TransferError(
                 f"{len(res.mismatched)} file(s) changed on the instance while downloading or arrived corrupted "
-                f"({', '.join(res.mismatched[:5])}). Download again once the job has finished writing them."
+                f"({name_list(res.mismatched, 5)}). Download again once the job has finished writing them."
             )
         return TransferResult(
             instance_id=instance_id,
@@ -696,21 +699,36 @@ class Service:
 
     def redact(self, text: str, extra: Mapping[str, str] | None = None) -> str:
         """Text from an instance with every known secret (the API key, exec-time secrets) masked."""
-        secrets = [self.settings.api_key.reveal(), *self._secrets, *(extra or {}).values()]
-        for secret in sorted({x for x in secrets if len(x) >= 4}, key=len, reverse=True):
-            text = text.replace(secret, "[redacted]")
-        return text
+        return self.secrets.mask(text, (extra or {}).values())
 
     async def run_command(self, instance_id: int, command: str, time_limit: float) -> CommandResult:
+        """Run `command`; its output is cut in the middle to what one answer carries (see `pages.py`)."""
         host = await self.connected(instance_id)
-        res = await host.run(command, time_limit=time_limit, output_cap=OUTPUT_CAP)
-        return CommandResult(
+        res = await host.run_bytes(command, time_limit=time_limit, output_cap=OUTPUT_CAP)
+        secrets = self.secrets.all()
+        out, err = res.stdout, res.stderr
+        needs = (
+            shown_size(render(bytes(out.head), bytes(out.tail), out.cut, secrets).text),
+            shown_size(render(bytes(err.head), bytes(err.tail), err.cut, secrets).text),
+        )
+        out_budget, err_budget = split_budget(needs, DATA_BUDGET)
+        stdout = fit(bytes(out.head), bytes(out.tail), out.cut, secrets, out_budget)
+        stderr = fit(bytes(err.head), bytes(err.tail), err.cut, secrets, err_budget)
+        notes = []
+        if res.timed_out:
+            notes.append(f"timed out after {res.duration_s:.1f}s; the command's process group was killed")
+        for name, shown in (("stdout", stdout), ("stderr", stderr)):
+            if shown.cut_bytes:
+                notes.append(f"{shown.cut_bytes} bytes of {name} were cut from the middle")
+        return CommandResult.output(
+            stdout.text,
+            stderr.text,
             instance_id=instance_id,
             exit_code=res.exit_code,
-            stdout=self.redact(res.stdout),
-            stderr=self.redact(res.stderr),
             timed_out=res.timed_out,
-            notes=res.notes(),
+            stdout_bytes=len(out.head) + len(out.tail) + out.cut,
+            stderr_bytes=len(err.head) + len(err.tail) + err.cut,
+            notes=notes,
         )
 
     async def start_job(
@@ -726,7 +744,7 @@ class Service:
         never a command line, the ledger or any text returned."""
         row = await self.require_own(instance_id)
         host = await self.connected(instance_id)
-        self._secrets.update(v for v in secrets.values() if v)
+        self.secrets.add(secrets.values())
         status = await start_job(host, command, cwd=workdir, env={**env, **secrets})
         await self.ledger.record_job(
             row.row_id,
@@ -738,23 +756,77 @@ class Service:
         return job_view(instance_id, status)
 
     async def tail(
-        self, instance_id: int, job_id: str, *, cursor: int | None, wait: float, max_bytes: int
+        self, instance_id: int, job_id: str, *, cursor: int | None, wait: float, max_bytes: int, budget: int | None
     ) -> LogResult:
+        """A page of the job's log after `cursor`: at most `max_bytes` of it, and at most `budget` bytes in the
+        answer once escaped (None: no such bound, for the run's own copy of the log).
+
+        A page never ends inside a secret: a page end that could be the start of one is held back (next_cursor
+        points before it, so the next page starts with it). A page starting inside one (a cursor the agent made
+        up) has that part masked once the bytes before it confirm it."""
         row = await self.require_own(instance_id)
         host = await self.connected(instance_id)
-        chunk = await tail_job(host, job_id, cursor=cursor, wait=wait, max_bytes=max_bytes, until_end=True)
+        secrets = self.secrets.all()
+        reach = max((len(s.encode()) for s in secrets), default=0)
+        size = max_bytes
+        chunk = await tail_job(host, job_id, cursor=cursor, wait=wait, max_bytes=size, until_end=True)
+        for _ in range(FIT_ROUNDS):
+            text, nxt = await self._page(host, job_id, chunk, secrets)
+            if not text and chunk.more and size < max_bytes + reach:
+                size = max_bytes + reach  # the whole page may be a secret's start: read the rest of it too
+            else:
+                shown = shown_size(text)
+                if budget is None or shown <= budget or size <= 1:
+                    break
+                size = max(1, min(size - 1, int(size * budget / shown * 0.9)))
+            chunk = await tail_job(host, job_id, cursor=chunk.cursor, max_bytes=size)
+        else:
+            text, nxt = await self._page(host, job_id, chunk, secrets)
         if chunk.status.finished:
             await self._record_end(row, chunk.status)
-        return LogResult(
+        return LogResult.page(
+            text,
             instance_id=instance_id,
             job_id=job_id,
-            text=self.redact(chunk.text),
             cursor=chunk.cursor,
-            next_cursor=chunk.next_cursor,
-            more=chunk.more,
+            next_cursor=nxt,
+            more=chunk.status.log_bytes > nxt,
             state=chunk.status.state,
             exit_code=chunk.status.exit_code,
         )
+
+    async def _page(self, host: RemoteHost, job_id: str, chunk: LogChunk, secrets: tuple[str, ...]) -> tuple[str, int]:
+        """The chunk's text, masked, and the cursor after it, with its end held back where it could begin a
+        secret (unless the log is complete) and a start that lies inside a secret masked."""
+        text, nxt = await self._start_edge(host, job_id, chunk, secrets)
+        if not (chunk.status.finished and not chunk.more):
+            cut = held_back(text, secrets)
+            if cut < len(text):
+                nxt -= len(text[cut:].encode())
+                text = text[:cut]
+        return mask(text, secrets), nxt
+
+    async def _start_edge(
+        self, host: RemoteHost, job_id: str, chunk: LogChunk, secrets: tuple[str, ...]
+    ) -> tuple[str, int]:
+        """The chunk's text with a start that lies inside a secret masked (checked against the bytes before)."""
+        text = chunk.text
+        if chunk.cursor == 0 or not secrets:
+            return text, chunk.next_cursor
+        # A cursor inside a character: its continuation bytes decode as one U+FFFD each.
+        straddle = min(3, len(text) - len(text.lstrip("\ufffd")))
+        body = text[straddle:]
+        if len(body) >= 16 and any(body in s and not s.startswith(body) for s in secrets):
+            return MASK, chunk.next_cursor  # the whole page lies strictly inside one (long) secret
+        for secret, size in starts_inside(body, secrets)[:3]:
+            end = chunk.cursor + straddle + len(secret[-size:].encode())
+            start = end - len(secret.encode())
+            if start < 0:
+                continue
+            before = await tail_job(host, job_id, cursor=start, max_bytes=end - start)
+            if before.text == secret and before.next_cursor == end:
+                return MASK + body[size:], chunk.next_cursor
+        return text, chunk.next_cursor
 
     async def cancel(self, instance_id: int, job_id: str) -> JobView:
         row = await self.require_own(instance_id)

@@ -11,6 +11,7 @@ other, and every failover offer is re-quoted and checked against that ceiling be
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -33,7 +34,9 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
+from .framing import DATA_BUDGET, RESULT_CAP, json_size, shown_size, visible
 from .ledger import LedgerInstance
+from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
 from .results import (
     ReadyResult,
@@ -394,7 +397,22 @@ class RunBook:
     async def view(
         self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES, *, with_approval: bool = False
     ) -> RunView:
+        """The run as the agent sees it, with a page of its log from `cursor` that fits one answer escaped (the
+        stored log is already masked: every page of it was, before it was stored)."""
         text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        view = await self._view(run, start, nxt, skipped, with_approval)
+        # The log page gets what the rest of the answer (state, tries, receipt, its log end) leaves of the cap.
+        budget = min(DATA_BUDGET, RESULT_CAP - json_size(view.model_dump(mode="json")) - shown_size(view.summary()))
+        budget -= 1024  # the block's own lines, and slack
+        for _ in range(FIT_ROUNDS):
+            shown = shown_size(text)
+            if shown <= budget or nxt - start <= 1:
+                break
+            max_bytes = max(1, min(nxt - start - 1, int((nxt - start) * budget / shown * 0.9)))
+            text, start, nxt, skipped = run.read_log(cursor, max_bytes)
+        return (await self._view(run, start, nxt, skipped, with_approval)).with_log(text)
+
+    async def _view(self, run: Run, start: int, nxt: int, skipped: int, with_approval: bool) -> RunView:
         return RunView(
             status=run.status,
             run_id=run.id,
@@ -406,7 +424,6 @@ class RunBook:
             job_id=run.job_id,
             tries=[t.view() for t in run.tries],
             approval=run.plan.view(run.approved_by) if with_approval else None,
-            log=text,
             cursor=start,
             next_cursor=nxt,
             log_more=nxt < run.log_end,
@@ -623,7 +640,8 @@ class RunBook:
         lines = [line for line in lines if line and not (said and said in line)][-2:]
         if not lines:
             return ""
-        return "; instance log ends: " + self.service.redact(" | ".join(lines))[-400:]
+        # Quoted and escaped: the instance wrote it, and it is shown outside any output block.
+        return "; instance log ends: " + json.dumps(visible(self.service.redact(" | ".join(lines))[-400:]))
 
     async def _destroy(self, run: Run, current: _Try) -> None:
         assert current.instance_id is not None
@@ -704,7 +722,7 @@ class RunBook:
                 return f"The job ran past its maximum runtime of {run.spec.max_runtime_h:g} h and was stopped."
             try:
                 chunk = await self.service.tail(
-                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES
+                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES, budget=None
                 )
             except (RemoteError, VastAPIError) as exc:
                 failures += 1
@@ -778,7 +796,6 @@ class RunBook:
             destroyed=all(t.destroyed for t in run.tries if t.instance_id is not None),
             kept_instance_id=kept,
             error=error,
-            log_tail=run.log_tail(),
-        )
+        ).with_log_tail(run.log_tail())
         run.status = run.receipt.outcome
         run.touch("done", error or "finished")

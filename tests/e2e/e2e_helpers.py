@@ -14,6 +14,7 @@ from mcp.types import CallToolResult, ElicitResult
 
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
+from vast_mcp.framing import read_blocks
 from vast_mcp.sim.hosts import sshd_unavailable_reason
 from vast_mcp.sim.server import SimServer
 
@@ -76,8 +77,9 @@ def text(result: CallToolResult) -> str:
 
 
 async def call(client: Client, tool: str, args: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    """Call a tool that must succeed; its structured result."""
+    """Call a tool that must succeed; its structured result, plus under "shown" the output blocks of its text
+    (instance output travels only there, escaped)."""
     result = await client.call_tool(tool, args, **kw)
     assert not result.is_error, text(result)
     assert result.structured_content is not None
-    return result.structured_content
+    return {**result.structured_content, "shown": read_blocks(text(result))}

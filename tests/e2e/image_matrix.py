@@ -19,6 +19,7 @@ from e2e_helpers import alive, answering, make_settings, sim_instances
 from mcp import Client
 
 from vast_mcp.config import Settings
+from vast_mcp.framing import read_blocks
 from vast_mcp.server import build_server
 from vast_mcp.sim.hosts import HostBackend
 from vast_mcp.sim.images import EXAMPLES, busybox_available, profile_for
@@ -93,11 +94,12 @@ async def matrix_cloud(backend: HostBackend, root: Path) -> AsyncIterator[tuple[
 
 
 async def _tool(client: Client, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The structured result, plus under "shown" the output blocks of the text (instance output travels there)."""
     result = await client.call_tool(name, args)
+    text = " ".join(getattr(c, "text", "") for c in result.content)
     if result.is_error or result.structured_content is None:
-        text = " ".join(getattr(c, "text", "") for c in result.content)
         raise StepFailed(text.strip()[:300] or f"{name} failed")
-    return result.structured_content
+    return {**result.structured_content, "shown": read_blocks(text)}
 
 
 class StepFailed(Exception):
@@ -146,7 +148,7 @@ async def _granular(client: Client, server: SimServer, row: Row, project: Path, 
         step = "setup"
         res = await _tool(client, "run_command", {"instance_id": iid, "command": SETUP})
         if res["exit_code"] != 0:
-            raise StepFailed(f"exit {res['exit_code']}: {res['stderr'][-200:]}")
+            raise StepFailed(f"exit {res['exit_code']}: {res['shown'].get('stderr', '')[-200:]}")
         row.cells[step] = "ok"
 
         step = "job"
@@ -159,7 +161,7 @@ async def _granular(client: Client, server: SimServer, row: Row, project: Path, 
             chunk = await _tool(
                 client, "tail_log", {"instance_id": iid, "job_id": job["job_id"], "cursor": cursor, "wait_s": 10}
             )
-            log += chunk["text"]
+            log += chunk["shown"].get("log", "")
             cursor = chunk["next_cursor"]
             if chunk["state"] != "running" and not chunk["more"]:
                 break
@@ -205,7 +207,7 @@ async def _run_job(client: Client, image: str, project: Path, blob: bytes) -> st
         view, log, cursor = started, "", 0
         for _ in range(60):
             view = await _tool(client, "run_status", {"run_id": started["run_id"], "cursor": cursor, "wait_s": 10})
-            log += view["log"]
+            log += view["shown"].get("log", "")
             cursor = view["next_cursor"]
             if view["status"] != "running" and not view["log_more"]:
                 break

@@ -31,6 +31,7 @@ from mcp.types import CallToolResult
 
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
+from vast_mcp.framing import read_blocks
 from vast_mcp.ledger import Ledger, ledger_path
 from vast_mcp.server import build_server
 from vast_mcp.sim.server import SimServer, select_backend
@@ -267,7 +268,7 @@ class Run:
 
     async def data(self, client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
         result = await self.call(client, tool, args)
-        return dict(result.structured_content or {})
+        return {**(result.structured_content or {}), "shown": read_blocks(result_text(result))}
 
     async def rent(self, client: Client) -> int:
         offers = await self.data(client, "search_offers", {"num_gpus": 1, "limit": 3})
@@ -669,10 +670,10 @@ async def ssh_lost_midway(run: Run) -> float | None:
         run.note(f"{cut} SSH connection(s) cut and SSH refused for 2 s; tail_log then: "
                  + ("error: " + result_text(during)[:60] + "…" if during.is_error else "answered"))  # fmt: skip
         await anyio.sleep(2.5)
-        text, cursor, state = first["text"], first["next_cursor"], "running"
+        text, cursor, state = first["shown"].get("log", ""), first["next_cursor"], "running"
         for _ in range(20):
             chunk = await run.data(client, "tail_log", {**args, "cursor": cursor, "wait_s": 5})
-            text, cursor, state = text + chunk["text"], chunk["next_cursor"], chunk["state"]
+            text, cursor, state = text + chunk["shown"].get("log", ""), chunk["next_cursor"], chunk["state"]
             if state != "running" and not chunk["more"]:
                 break
         lines = text.splitlines()

@@ -19,6 +19,7 @@ from mcp.types import CallToolResult
 from reliability_scenarios import Run, result_text, simulated_cloud
 
 from vast_mcp.config import Secret
+from vast_mcp.framing import RESULT_CAP, read_blocks
 from vast_mcp.vast.client import VastClient
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
@@ -53,7 +54,7 @@ class Rig:
     async def sh(self, command: str) -> str:
         done = await self.ok("run_command", {"instance_id": self.iid, "command": command})
         assert done["exit_code"] == 0, done
-        return str(done["stdout"])
+        return str(done["shown"]["stdout"])
 
 
 def refused(tool: str, result: CallToolResult) -> str:
@@ -192,7 +193,7 @@ async def test_shell_metacharacters_run_nothing(rig: Rig, tmp_path: Path) -> Non
         await rig.bad("exec_background", {"instance_id": iid, "command": "true", "secrets": {word: "1"}})
         job = await rig.ok("exec_background", {"instance_id": iid, "command": 'printf "%s" "$V"', "env": {"V": word}})
         chunk = await rig.ok("tail_log", {"instance_id": iid, "job_id": job["job_id"], "cursor": 0, "wait_s": 10})
-        assert chunk["text"] == word, "an env value arrives as data, byte for byte"
+        assert chunk["shown"]["log"] == word, "an env value arrives as data, byte for byte"
     assert not exists(marker), "a tool argument ran a command"
     assert "pwned" not in await rig.sh(f"ls -a ~ /tmp | grep pwned || true; test -e {marker} && echo pwned || true")
 
@@ -258,19 +259,35 @@ async def test_gigabytes_of_log_and_binary_output(rig: Rig) -> None:
     iid = rig.iid
     command = "head -c 100000 /dev/urandom; printf 'bad \\377\\376\\000 utf8 \\200\\n'; echo done; sleep 60"
     job = await rig.ok("exec_background", {"instance_id": iid, "command": command})
-    first = await rig.ok("tail_log", {"instance_id": iid, "job_id": job["job_id"], "cursor": 0, "max_bytes": 65536})
-    assert len(first["text"]) <= 65536 and first["more"]
+    args = {"instance_id": iid, "job_id": job["job_id"], "cursor": 0, "max_bytes": 65536}
+    first = await rig.client.call_tool("tail_log", args)
+    assert answer_size(first) <= RESULT_CAP, "binary output stays within the cap, text and structured together"
+    got = first.structured_content or {}
+    assert 0 < got["next_cursor"] <= 65536 and got["more"]
     log = f".vast-mcp/jobs/{job['job_id']}/log"
     await rig.sh(f"sleep 1; truncate -s 3G {log}; echo tail-end >> {log}")  # 3 GB of log (sparse)
     base = {"instance_id": iid, "job_id": job["job_id"], "wait_s": 0}
     end = await rig.ok("tail_log", {**base, "cursor": None, "max_bytes": 4096})
-    assert end["text"].endswith("tail-end\n") and len(end["text"].encode()) <= 4096 and not end["more"]
-    middle = await rig.ok("tail_log", {**base, "cursor": 1_500_000_000, "max_bytes": 65536})
-    assert middle["next_cursor"] - middle["cursor"] <= 65536 and middle["more"]
-    assert middle["text"] == "\0" * 65536
-    out = await rig.ok("run_command", {"instance_id": iid, "command": "head -c 200000000 /dev/zero | tr '\\0' a"})
-    assert len(out["stdout"]) <= 70_000 and out["notes"], "command output is capped and the cut is said"
-    binary = await rig.ok(
-        "run_command", {"instance_id": iid, "command": "head -c 5000 /dev/urandom >&2; printf '\\377'"}
+    assert end["shown"]["log"].endswith("tail-end\n") and not end["more"]
+    middle_result = await rig.client.call_tool("tail_log", {**base, "cursor": 1_500_000_000, "max_bytes": 65536})
+    middle = {**(middle_result.structured_content or {}), "shown": read_blocks(result_text(middle_result))}
+    assert answer_size(middle_result) <= RESULT_CAP
+    page = middle["next_cursor"] - middle["cursor"]
+    assert 0 < page < 65536 and middle["more"], "NULs take 4 characters each: the page is cut to fit, not lost"
+    assert middle["shown"]["log"] == "\\x00" * page, "every NUL shows as an escape, one per byte read"
+    out_result = await rig.client.call_tool(
+        "run_command", {"instance_id": iid, "command": "head -c 200000000 /dev/zero | tr '\\0' a"}
     )
-    assert binary["exit_code"] == 0 and isinstance(binary["stdout"], str)
+    out = out_result.structured_content or {}
+    assert answer_size(out_result) <= RESULT_CAP and out["notes"], "command output is capped and the cut is said"
+    assert out["stdout_bytes"] == 200_000_000
+    binary = await rig.client.call_tool(
+        "run_command", {"instance_id": iid, "command": "head -c 100000 /dev/urandom; head -c 100000 /dev/urandom >&2"}
+    )
+    assert not binary.is_error and answer_size(binary) <= RESULT_CAP
+    assert set(read_blocks(result_text(binary))) == {"stdout", "stderr"}
+
+
+def answer_size(result: CallToolResult) -> int:
+    """Bytes of the answer's text and structured content as they travel."""
+    return len(result.model_dump_json(include={"content", "structured_content"}).encode())

@@ -113,6 +113,8 @@ async def test_every_request_needs_the_token(cloud_server: SimServer, tmp_path: 
 async def test_twenty_clients_are_confined_to_their_own_instances(cloud_server: SimServer, tmp_path: Path) -> None:
     owned: dict[int, int] = {}
     all_rented = anyio.Event()
+    probed: set[int] = set()
+    all_probed = anyio.Event()  # nobody leaves (and destroys) before every neighbour has been probed
     left = anyio.Event()
 
     async with serving(cloud_server, tmp_path / "state") as server:
@@ -130,6 +132,10 @@ async def test_twenty_clients_are_confined_to_their_own_instances(cloud_server: 
                 assert probe.is_error and "not a live instance of this session" in text(probe)
                 refused = await client.call_tool("destroy", {"instance_id": neighbour})
                 assert refused.is_error and "only the user can allow that" in text(refused)
+                probed.add(n)
+                if len(probed) == CLIENTS:
+                    all_probed.set()
+                await all_probed.wait()
                 if n == 0:
                     await left.wait()  # the last to leave: everyone else's instances are gone already
             if n != 0:

@@ -67,7 +67,7 @@ async def follow(client: Client, run_id: str, progress: list[str] | None = None)
             client, "run_status", {"run_id": run_id, "cursor": cursor, "wait_s": 10}, progress_callback=on_progress
         )
         assert view["cursor"] == cursor, "nothing is skipped while the run keeps the whole log"
-        log += view["log"]
+        log += view["shown"].get("log", "")
         cursor = view["next_cursor"]
         if view["status"] != "running" and not view["log_more"]:
             return view, log
@@ -170,7 +170,7 @@ async def test_job_that_fails(keep: bool, settings: Settings, cloud_server: SimS
         receipt = final["receipt"]
         assert final["status"] == "failed"
         assert receipt["exit_code"] == 7 and "exited with code 7" in receipt["error"]
-        assert "about to fail\noops\n" in receipt["log_tail"] and log == "about to fail\noops\n"
+        assert "about to fail\noops\n" in final["shown"]["log-end"] and log == "about to fail\noops\n"
         iid = final["tries"][0]["instance_id"]
         row = {r["id"]: r for r in sim_instances(cloud_server)}[iid]
         if keep:
@@ -193,7 +193,7 @@ async def test_client_that_goes_away_mid_run(settings: Settings, cloud_server: S
         log = ""
         for _ in range(FOLLOW_CALLS):
             view = await call(client, "run_status", {"run_id": started["run_id"], "cursor": len(log), "wait_s": 10})
-            log += view["log"]
+            log += view["shown"].get("log", "")
             if "started" in log:
                 break
         assert view["status"] == "running" and view["phase"] == "running", view

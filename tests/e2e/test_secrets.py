@@ -33,7 +33,7 @@ async def follow(run: Run, client: Any, iid: int, job_id: str) -> str:
         chunk = await run.data(
             client, "tail_log", {"instance_id": iid, "job_id": job_id, "cursor": cursor, "wait_s": 5}
         )
-        text, cursor = text + chunk["text"], chunk["next_cursor"]
+        text, cursor = text + chunk["shown"].get("log", ""), chunk["next_cursor"]
         if chunk["state"] != "running" and not chunk["more"]:
             break
     return text
@@ -93,7 +93,7 @@ async def test_run_job_leaks_nothing(tmp_path: Path) -> None:
                     status = await run.data(
                         client, "run_status", {"run_id": started["run_id"], "cursor": cursor, "wait_s": 10}
                     )
-                    log, cursor = log + status.get("log", ""), status.get("next_cursor", cursor)
+                    log, cursor = log + status["shown"].get("log", ""), status.get("next_cursor", cursor)
         assert await run.settle(0) is not None
         outcome = await run.finish(0)
     assert status["status"] != "running", status

@@ -77,7 +77,7 @@ async def test_granular_workflow(mode: str, settings: Settings, cloud_server: Si
             chunk = await call(
                 client, "tail_log", {"instance_id": iid, "job_id": job["job_id"], "cursor": cursor, "wait_s": 5}
             )
-            log += chunk["text"]
+            log += chunk["shown"].get("log", "")
             cursor = chunk["next_cursor"]
             state = chunk["state"]
             if state != "running" and not chunk["more"]:

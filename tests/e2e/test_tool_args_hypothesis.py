@@ -116,6 +116,7 @@ def test_any_arguments_get_a_result_or_a_readable_error(server: Server, tmp_path
         if result.is_error:
             assert text.strip() not in (f"Error executing tool {name}", ""), f"opaque error for {name}({args})"
             assert "Traceback" not in text, text
+            assert "pydantic" not in text and "For further information" not in text, f"raw pydantic text: {text}"
         else:
             assert result.structured_content is not None or name == "run-job"
 

@@ -35,6 +35,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ElicitResult
 
 from ..errors import VastMCPError
+from ..framing import read_blocks
 from ..sim.hosts import BACKEND_ENV, describe_backend, select_backend
 from ..sim.server import SimServer
 from ..sim.state import SimCloud
@@ -245,9 +246,10 @@ async def _agent(client: Client, progress: Progress, workdir: Path, results: Pat
         if result.is_error:
             raise _tool_failed(progress, "tail_log", _tool_text(result))
         chunk = result.structured_content or {}
-        if chunk["text"]:
-            print(chunk["text"], end="", flush=True)
-            tail = (tail + chunk["text"])[-2000:]
+        text = read_blocks(_tool_text(result)).get("log", "")  # the log travels in the text only, escaped
+        if text:
+            print(text, end="", flush=True)
+            tail = (tail + text)[-2000:]
         cursor, state, exit_code = chunk["next_cursor"], chunk["state"], chunk["exit_code"]
         if chunk["more"]:
             state = "running"

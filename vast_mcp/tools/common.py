@@ -19,6 +19,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..approval import YesNo
 from ..errors import VastMCPError
+from ..framing import RESULT_CAP, json_size, visible, visible_tree
+from ..redact import mask_everywhere
 from ..service import Progress, Service
 from ..sessions import STDIO_KEY, Sessions, SessionState
 from ..workflow import RunBook
@@ -110,25 +112,119 @@ def tool(
 
 
 def tool_result(model: BaseModel, text: str) -> CallToolResult:
-    """The model reads `text`; the typed result travels as structured content (validated against the schema)."""
-    return CallToolResult(
-        content=[TextContent(type="text", text=text)], structured_content=model.model_dump(mode="json")
-    )
+    """The model reads `text`; the typed result travels as structured content (validated against the schema).
+
+    Both are masked of every known secret and escaped (nothing raw from an instance gets through, wherever a
+    result put it), and together they stay within `RESULT_CAP` serialized bytes: the tools that return output
+    size it to `DATA_BUDGET` first; what is still over is cut here, and the cut is said."""
+    structured = visible_tree(_masked_tree(model.model_dump(mode="json")))
+    structured = _shrink_lists(structured, RESULT_CAP // 2)
+    text = visible(mask_everywhere(text))
+    room = RESULT_CAP - json_size(structured) - 200
+    if json_size(text) > room:
+        text = _cut_to(text, room)
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
+
+
+def _masked_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_everywhere(value)
+    if isinstance(value, list):
+        return [_masked_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _masked_tree(v) for k, v in value.items()}
+    return value
+
+
+def _shrink_lists(tree: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Halve the longest list in the structured content until it fits `limit` (lists of names can be long)."""
+    while json_size(tree) > limit:
+        lists: list[list[Any]] = []
+        _collect_lists(tree, lists)
+        longest = max(lists, key=len, default=[])
+        if len(longest) <= 1:
+            break
+        del longest[len(longest) // 2 :]
+    return tree
+
+
+def _collect_lists(value: Any, into: list[list[Any]]) -> None:
+    if isinstance(value, list):
+        into.append(value)
+        for v in value:
+            _collect_lists(v, into)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect_lists(v, into)
+
+
+def _cut_to(text: str, room: int) -> str:
+    """The start of `text` that fits `room` serialized bytes, with the cut said."""
+    note = "\n[answer cut here: it would have exceeded the 64 KB answer cap]"
+    low, high = 0, len(text)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if json_size(text[:mid] + note) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + note
 
 
 @contextmanager
 def agent_errors() -> Iterator[None]:
-    """Errors the agent can act on become `ToolError`s with their (actionable) message; nothing leaks a traceback."""
+    """Errors the agent can act on become `ToolError`s with their (actionable) message; nothing leaks a traceback.
+
+    A failure inside a task group arrives wrapped in an exception group, whose own text says nothing ("unhandled
+    errors in a TaskGroup"): the first error of ours (or a bad value) in it is reported as itself."""
     try:
         yield
     except ToolError:
         raise
-    except VastMCPError as exc:
-        raise ToolError(str(exc)) from None
-    except ValidationError as exc:
-        raise ToolError(f"Invalid arguments: {exc.errors()[0]['msg']}. Fix the argument and call again.") from None
-    except ValueError as exc:
-        raise ToolError(f"{exc}. Fix the argument and call again.") from None
+    except BaseExceptionGroup as group:
+        inner = first_actionable(group)
+        if inner is None:
+            raise
+        raise agent_error(inner) from None
+    except (VastMCPError, ValidationError, ValueError) as exc:
+        raise agent_error(exc) from None
+
+
+def first_actionable(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The first error in `group` (depth first) that tells the agent something: one of ours, a rejected value,
+    else any `Exception` (its message is still better than the group's). Cancellations are not errors."""
+    found: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            found.append(exc)
+
+    walk(group)
+    for kinds in ((ToolError, VastMCPError), (ValidationError, ValueError), (Exception,)):
+        for exc in found:
+            if isinstance(exc, kinds):
+                return exc
+    return None
+
+
+def agent_error(exc: BaseException) -> ToolError:
+    """The `ToolError` the agent reads for `exc`."""
+    if isinstance(exc, ToolError | VastMCPError):
+        return ToolError(str(exc))
+    if isinstance(exc, ValidationError):
+        return ToolError(f"Invalid arguments: {exc.errors()[0]['msg']}. Fix the argument and call again.")
+    if isinstance(exc, ValueError):
+        return ToolError(f"{exc}. Fix the argument and call again.")
+    if isinstance(exc, OSError):
+        return ToolError(
+            f"The call failed on this machine: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}. Fix that (free space, permissions, the path) and call "
+            "again."
+        )
+    return ToolError(f"The call failed: {exc or type(exc).__name__}. Check the arguments and call again.")
 
 
 async def session_of(ctx: Context[AppState, Any]) -> SessionState:

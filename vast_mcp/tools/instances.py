@@ -16,6 +16,7 @@ from pydantic import Field
 from ..approval import Pending, Refusal, YesNo, read_answer
 from ..consent import Quote
 from ..errors import VastMCPError
+from ..image_ref import check_image
 from ..results import (
     CreateResult,
     DestroyResult,
@@ -61,6 +62,8 @@ def _request(
 ) -> CreateRequest:
     if (image is None) == (template_hash is None):
         raise ToolError("Give exactly one of image (a Docker image such as pytorch/pytorch) or template_hash.")
+    if image is not None:
+        check_image(image)
     return CreateRequest(
         offer_id=offer_id,
         disk_gb=disk_gb,

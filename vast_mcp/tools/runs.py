@@ -13,6 +13,7 @@ from mcp.types import CallToolResult
 from pydantic import Field
 
 from ..approval import Pending, Refusal, YesNo, read_answer
+from ..image_ref import check_image
 from ..results import (
     RunView,
 )
@@ -91,6 +92,8 @@ async def _plan_run_job(
         with agent_errors():
             if image is not None and template_hash is not None:
                 raise ToolError("Give at most one of image or template_hash.")
+            if image is not None:
+                check_image(image)
             filters = OfferFilters(
                 gpu_name=gpu_name,
                 num_gpus=num_gpus,

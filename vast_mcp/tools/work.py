@@ -11,6 +11,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult
 from pydantic import Field
 
+from ..framing import DATA_BUDGET
 from ..results import (
     CommandResult,
     JobView,
@@ -146,7 +147,7 @@ def register(mcp: MCPServer) -> None:
         """
         with agent_errors():
             result = await (await service_of(ctx)).tail(
-                instance_id, job_id, cursor=cursor, wait=wait_s, max_bytes=max_bytes
+                instance_id, job_id, cursor=cursor, wait=wait_s, max_bytes=max_bytes, budget=DATA_BUDGET
             )
         return tool_result(result, result.summary())
 
