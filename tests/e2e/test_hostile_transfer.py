@@ -71,7 +71,7 @@ async def test_a_folder_named_like_an_option_is_a_folder(rig: Rig, tmp_path: Pat
         assert got["files"] == 1
     job = await rig.ok("exec_background", {"instance_id": rig.iid, "command": "pwd", "workdir": "-"})
     chunk = await rig.ok("tail_log", {"instance_id": rig.iid, "job_id": job["job_id"], "cursor": 0, "wait_s": 10})
-    assert chunk["text"].strip() == "/root/-"
+    assert "".join(chunk["shown"].values()).strip() == "/root/-"
 
 
 async def test_patterns_built_to_backtrack_do_not_stall_the_server(rig: Rig, tmp_path: Path) -> None:
