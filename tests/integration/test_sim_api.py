@@ -191,7 +191,11 @@ async def test_rented_offer_leaves_search_until_destroyed(sim_client: httpx2.Asy
     created = await _create(sim_client, offer_id)
     assert offer_id not in {o["id"] for o in await _search(sim_client)}
     again = await sim_client.put(f"/api/v0/asks/{offer_id}/", json={"image": "img"})
-    assert again.status_code == 410 and again.json()["error"] == "no_such_ask"
+    # Vast's documented shape for a gone offer: 404 invalid_args, "no_such_ask" only in the message.
+    assert again.status_code == 404 and again.json()["error"] == "invalid_args"
+    assert "no_such_ask" in again.json()["msg"]
+    cancelled = await sim_client.put(f"/api/v0/asks/{offer_id}/", json={"image": "img", "cancel_unavail": True})
+    assert cancelled.status_code == 410 and cancelled.json()["error"] == "no_such_ask"
     assert (await _delete(sim_client, f"/api/v0/instances/{created['new_contract']}/")).status_code == 200
     assert offer_id in {o["id"] for o in await _search(sim_client)}
 
