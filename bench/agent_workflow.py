@@ -129,6 +129,7 @@ class Run:
     api_calls: int = 0  # requests the job made to the (simulated) Vast API, the log fetches excluded
     api_429: int = 0  # of those, answered 429 by the rate limiter
     agent_429: int = 0  # tool results that told the agent it was rate-limited
+    api_429_routes: list[str] = field(default_factory=list)
 
     def record(self, call: Call) -> None:
         self.calls.append(call)
@@ -221,6 +222,9 @@ def count_api(sim: SimServer, run: Run) -> None:
     api = [r for r in rows if not str(r["route"]).startswith("/_sim/")]
     run.api_calls = len(api)
     run.api_429 = sum(1 for r in api if r["status"] == 429)
+    run.api_429_routes = sorted(
+        {f"{r['method']} {r['route']} ({r.get('user_agent') or 'no user agent'})" for r in api if r["status"] == 429}
+    )
 
 
 def arm_boot_delay(sim: SimServer, seconds: float) -> None:
@@ -703,10 +707,11 @@ def finish(sim: SimServer, run: Run, watch: SshdWatch) -> None:
         *([] if run.destroyed_ok else ["instance not destroyed by the workflow"]),
     ]
     status = "FAILED: " + "; ".join(problems) if problems else "ok"
+    where_429 = ": " + ", ".join(run.api_429_routes) if run.api_429_routes else ""
     print(
         f"  {run.way} #{run.number}: boot {run.boot_delay:.1f} s, instance {run.instance_id}, {len(run.calls)} calls, "
         f"{sum(c.chars for c in run.calls):,} chars, {run.api_calls} API calls ({run.api_429} answered 429, "
-        f"{run.agent_429} surfaced), readiness lag {lag}, {run.wall_s:.1f} s: {status}",
+        f"{run.agent_429} surfaced{where_429}), readiness lag {lag}, {run.wall_s:.1f} s: {status}",
         flush=True,
     )
 

@@ -151,9 +151,7 @@ def api_pacing_from_env() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(
-            f"VAST_MCP_API_PACING={raw!r} is not a number; use 1 (Vast's limits) or 0."
-        ) from None
+        raise ConfigError(f"VAST_MCP_API_PACING={raw!r} is not a number; use 1 (Vast's limits) or 0.") from None
     if value < 0 or value != value:
         raise ConfigError(f"VAST_MCP_API_PACING={raw!r} must be 0 or more.")
     return value

@@ -173,6 +173,7 @@ class Service:
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._ssh_failures: dict[int, SSHFailures] = {}  # why each instance was not ready, across calls
         self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
+        self._watchdog_locks: dict[int, anyio.Lock] = {}
         self._create_lock = anyio.Lock()
         self._cap_warned = False
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
@@ -700,17 +701,20 @@ class Service:
         """Whether the instance's dead-man's switch can work ('ok'), else why not; None without a lease."""
         if self.settings.lease_s is None:
             return None
-        if instance_id in self._watchdog:
-            return self._watchdog[instance_id]  # an image does not change while the instance lives
-        try:
-            res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
-        except (RemoteError, TimeoutError) as exc:
-            problem: str | None = f"it could not be checked ({exc})"
-        else:
-            problem = deadman_judge(res.stdout) if res.ok else f"its check failed ({res.stderr.strip()[-300:]})"
-        verdict = problem or "ok"
-        self._watchdog[instance_id] = verdict
-        return verdict
+        # Both SSH paths may come up at once; one check per instance, or the second one's read of the API (with
+        # the instance's own key, inside the show route's interval) is refused and misread as a broken watchdog.
+        async with self._watchdog_locks.setdefault(instance_id, anyio.Lock()):
+            if instance_id in self._watchdog:
+                return self._watchdog[instance_id]  # an image does not change while the instance lives
+            try:
+                res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
+            except (RemoteError, TimeoutError) as exc:
+                problem: str | None = f"it could not be checked ({exc})"
+            else:
+                problem = deadman_judge(res.stdout) if res.ok else f"its check failed ({res.stderr.strip()[-300:]})"
+            verdict = problem or "ok"
+            self._watchdog[instance_id] = verdict
+            return verdict
 
     def _host(self, instance_id: int, address: tuple[str, int]) -> RemoteHost:
         return self.hosts.get(SSHTarget(host_id=f"{self.scope}/{instance_id}", host=address[0], port=address[1]))

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -102,15 +103,22 @@ class Pacer:
     def limit(self, method: str, path: str) -> RouteLimit | None:
         return limit_for(self.limits, method, path)
 
-    async def turn(self, method: str, path: str, deadline: float) -> None:
-        """Wait until a call on this route is within the limit, and count it; raises `RateLimitedError` when the
-        wait would not fit before `deadline`."""
+    @asynccontextmanager
+    async def slot(self, method: str, path: str, deadline: float) -> AsyncIterator[None]:
+        """Wait until a call on this route is within the limit, and hold the route while it is made; raises
+        `RateLimitedError` when the wait would not fit before `deadline`.
+
+        A call counts from the moment its answer is back, not from when it was sent: Vast has surely received it
+        by then, so however the network delays one request and not the next, Vast never sees them closer than the
+        limit. One call per route is in flight at a time; the others queue behind it.
+        """
         limit = self.limit(method, path)
         if limit is None:
+            yield
             return
         window = self._windows.setdefault(limit.name, Window(limit))
         lock = self._locks.setdefault(limit.name, anyio.Lock())
-        async with lock:  # callers queue per route; each waits only for the ones before it
+        async with lock:
             wait = window.wait(time.monotonic())
             if wait > deadline - time.monotonic():
                 raise RateLimitedError(
@@ -120,7 +128,10 @@ class Pacer:
                 )
             if wait > 0:
                 await anyio.sleep(wait)
-            window.note(time.monotonic())
+            try:
+                yield
+            finally:
+                window.note(time.monotonic())
 
     def refused(self, method: str, path: str, wait: float) -> float:
         """Vast refused a call anyway (another client on the key, or clock skew): hold the route for the wait it
@@ -212,11 +223,11 @@ class VastClient:
         delay = 0.5
         for attempt in range(1, self.max_attempts + 1):
             last = attempt == self.max_attempts
-            await self.pacer.turn(method, path, deadline)
             route = f"{method} {path.split('?', 1)[0]}"
             self.calls[route] = self.calls.get(route, 0) + 1
             try:
-                response = await self._http.request(method, url, params=query, content=content, headers=headers)
+                async with self.pacer.slot(method, path, deadline):
+                    response = await self._http.request(method, url, params=query, content=content, headers=headers)
             except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
                 failure: VastAPIError = TransportError(
                     f"Could not reach the Vast API at {self.base_url} ({type(exc).__name__}). Check the network "
