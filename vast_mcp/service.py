@@ -81,6 +81,7 @@ CAP_WARN_AT = 0.8  # share of VAST_MCP_MAX_SESSION_USD spent at which the sessio
 REQUOTE_AFTER_S = 60.0  # a quote younger than this is reused for the same request instead of searching again
 ADDRESS_TTL_S = 30.0  # an instance's SSH address, once read, is used this long without asking Vast again
 SEEN_FRESH_S = API_POLL_S  # an instance row this young answers a read instead of a new show-instance call
+DIRECT_PROBE_S = 3.0  # a direct port that does not accept a connection this fast loses to the proxy
 SHOW_GAP_S = 30.0  # right after create, Vast's show instance may answer nothing for a moment: not "gone" yet
 
 
@@ -746,10 +747,27 @@ class Service:
                 f"Instance {instance_id} is {inst.actual_status} ({inst.status_msg or 'no message'}); its files "
                 "cannot be reached. Destroy it, or start it again if it was stopped."
             )
-        host = self.remote(instance_id, inst)
+        address = await self._reachable(inst)
+        if address is None:
+            raise SSHUnavailableError(f"Instance {instance_id} has no SSH address yet. Call wait_ready first.")
+        host = self._host(instance_id, address)
         self._beating[instance_id] = host
-        self._addresses[instance_id] = (time.monotonic() + ADDRESS_TTL_S, (host.target.host, host.target.port))
+        self._addresses[instance_id] = (time.monotonic() + ADDRESS_TTL_S, address)
         return host
+
+    async def _reachable(self, inst: Instance) -> tuple[str, int] | None:
+        """The direct SSH address when it accepts a connection (faster for data), else Vast's proxy."""
+        direct, proxy = inst.direct_ssh(), inst.proxy_ssh()
+        if direct is None or proxy is None:
+            return direct or proxy
+        with anyio.move_on_after(DIRECT_PROBE_S):
+            try:
+                stream = await anyio.connect_tcp(*direct)
+            except OSError:
+                return proxy
+            await stream.aclose()
+            return direct
+        return proxy
 
     # --- files -------------------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ..vast.create import parse_docker_env
 from ..vast.limits import RateLimiter, RouteLimit
 from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_offer, storage_per_hour
 from .faults import FaultBook, InstanceFaults
@@ -112,6 +113,7 @@ class SimInstance:
     log_path: Path
     jupyter_token: str | None
     proxy: Relay | None = None  # the proxy SSH port, for the instance's whole life; None on state-only hosts
+    published: dict[str, Relay] = field(default_factory=dict)  # "22/tcp" → the direct SSH port, and -p mappings
     price_multiplier: float = 1.0  # the price-change fault: what the host charges over the offer's price
     actual_status: str | None = "created"
     intended_status: str = "running"
@@ -413,17 +415,25 @@ class SimCloud:
         self._next_instance_id += 1
         self._rented[offer_id] = instance_id  # before any await: two creates must not rent one offer
         proxy: Relay | None = None
+        published: dict[str, Relay] = {}
         # State-only hosts have no SSH at all, so they get no address either.
         if not isinstance(self.backend, StateOnlyBackend):
             proxy = Relay(None)
+            # The machine's published ports, fixed for the instance's life (a restart does not move them, so the
+            # `vastai` CLI's cached ssh-url stays good): SSH, and each `-p HOST:CONTAINER` the env asked for.
+            published = {"22/tcp": Relay(None)}
+            for container_port in _port_mappings(env):
+                published[f"{container_port}/tcp"] = Relay(("127.0.0.1", container_port))
             try:
-                await proxy.open()
+                for relay in (proxy, *published.values()):
+                    await relay.open()
                 if self._tg is None:  # the cloud shut down meanwhile: nothing would ever close this port
                     raise SimError(503, "server_error", "The simulated cloud is shutting down.")
             except BaseException:
                 self._rented.pop(offer_id, None)
                 with anyio.CancelScope(shield=True):
-                    await proxy.close()
+                    for relay in (proxy, *published.values()):
+                        await relay.close()
                 raise
         api_key = secrets.token_hex(32)
         inst_dir = self.root_dir / str(instance_id)
@@ -467,6 +477,7 @@ class SimCloud:
             log_path=log_path,
             jupyter_token=secrets.token_hex(16) if "jupyter" in runtype else None,
             proxy=proxy,
+            published=published,
             price_multiplier=faults.price_multiplier or 1.0,
             bill_mark=now,
         )
@@ -644,7 +655,11 @@ class SimCloud:
         direct = "_direc" in inst.runtype
         ports: dict[str, list[dict[str, str]]] = {}
         if port is not None and direct:
-            ports["22/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
+            for name, relay in inst.published.items():
+                if relay.port is not None:
+                    ports[name] = [{"HostIp": "0.0.0.0", "HostPort": str(relay.port)}]
+            if "22/tcp" in ports:
+                port = int(ports["22/tcp"][0]["HostPort"])
         proxy_port = inst.proxy_port if inst.runtype != "args" else None
         ssh_host = None if proxy_port is None else "127.0.0.1"
         ssh_port = proxy_port
@@ -758,6 +773,7 @@ class SimCloud:
             "cost": round(inst.cost, 9),
             "ssh_port": None if inst.destroyed else inst.host.ssh_port,
             "proxy_port": inst.proxy_port,
+            "published_ports": {k: r.port for k, r in inst.published.items()},
             "price_multiplier": inst.price_multiplier,
             "alive_pids": inst.host.alive_pids(),
             "authorized_keys": len(inst.spec.authorized_keys),
@@ -923,6 +939,9 @@ class SimCloud:
             if inst.proxy is not None:
                 inst.proxy.target = None
                 await self._bounded(inst.proxy.close())
+            for relay in inst.published.values():
+                relay.target = None
+                await self._bounded(relay.close())
         finally:
             try:
                 await self._bounded(inst.host.destroy())
@@ -931,14 +950,19 @@ class SimCloud:
 
     def _route_proxy(self, inst: SimInstance) -> None:
         """Point the proxy at the host's SSH port, or unset it (connections reset) while the host has none."""
+        port = inst.host.ssh_port
+        target = None if port is None else ("127.0.0.1", port)
         if inst.proxy is not None:
-            port = inst.host.ssh_port
-            inst.proxy.target = None if port is None else ("127.0.0.1", port)
+            inst.proxy.target = target
+        if "22/tcp" in inst.published:
+            inst.published["22/tcp"].target = target
 
     async def _stop_host(self, inst: SimInstance) -> None:
         # Unroute first, so no new connection is carried to a host that is going away.
         if inst.proxy is not None:
             inst.proxy.target = None
+        if "22/tcp" in inst.published:
+            inst.published["22/tcp"].target = None
         await self._bounded(inst.host.stop())
 
     async def _bounded(self, awaitable: Any) -> None:
@@ -969,6 +993,21 @@ def _float_arg(value: Any, name: str, default: float) -> float:
     return parsed
 
 
+def _port_mappings(env: Mapping[str, str]) -> list[int]:
+    """Container ports of the TCP mappings in a create's env (`{"-p 8080:8080": "1"}`, as the CLI sends them)."""
+    ports: list[int] = []
+    for key in env:
+        if not key.startswith("-p "):
+            continue
+        spec = key[3:].strip()
+        if spec.endswith("/udp"):
+            continue
+        container = spec.removesuffix("/tcp").rsplit(":", 1)[-1]
+        if container.isdigit() and 0 < int(container) < 65536 and int(container) not in ports:
+            ports.append(int(container))
+    return ports
+
+
 def _env_arg(value: Any) -> dict[str, str]:
     """The create body's `env`: the CLI sends a dict; the docs also allow a docker-flag string like `-e K=V`."""
     if value is None:
@@ -976,13 +1015,7 @@ def _env_arg(value: Any) -> dict[str, str]:
     if isinstance(value, Mapping):
         return {str(k): "" if v is None else str(v) for k, v in value.items()}
     if isinstance(value, str):
-        out: dict[str, str] = {}
-        tokens = value.split()
-        for i, token in enumerate(tokens[:-1]):
-            if token == "-e" and "=" in tokens[i + 1]:
-                k, v = tokens[i + 1].split("=", 1)
-                out[k] = v.strip("'\"")
-        return out
+        return parse_docker_env(value)  # the docker-flag string, read as the CLI reads --env
     raise SimError(400, "invalid_args", "error 400/1782: Invalid args: env must be an object")
 
 
