@@ -737,8 +737,11 @@ class Service:
         known = self._addresses.get(instance_id)
         if known is not None and time.monotonic() < known[0]:
             host = self._host(instance_id, known[1])
-            self._beating[instance_id] = host
-            return host
+            if _connection_alive(host):
+                self._beating[instance_id] = host
+                return host
+            # A new connection is to be opened: read the instance first, so a dead one is explained as dead
+            # rather than as a refused connection.
         inst = await self._read(instance_id)
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
@@ -982,6 +985,12 @@ class Service:
             session_cap_usd=self.session_cap,
             notices=list(self.notices),
         )
+
+
+def _connection_alive(host: RemoteHost) -> bool:
+    """Whether `host` holds an open SSH connection (so using it needs no fresh look at the instance)."""
+    conn = getattr(host, "_conn", None)
+    return conn is not None and not getattr(host, "_lost", False) and not conn.is_closed()
 
 
 def ready_result(instance_id: int, inst: Instance, host: RemoteHost, info: HostInfo, waited: float) -> ReadyResult:

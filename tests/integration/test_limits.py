@@ -22,14 +22,14 @@ from vastai_runner import make_vastai_runner
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
 from vast_mcp.errors import OfferUnavailableError, TemplateError
-from vast_mcp.service import CreateRequest, Service
+from vast_mcp.service import CreateRequest, Service, offer_row
 from vast_mcp.sim.api import create_app
 from vast_mcp.sim.hosts import StateOnlyBackend
 from vast_mcp.sim.server import SimServer
 from vast_mcp.sim.state import SimCloud
 from vast_mcp.vast.client import VastClient
 from vast_mcp.vast.limits import scaled_limits
-from vast_mcp.vast.models import Instance
+from vast_mcp.vast.models import Instance, Offer
 from vast_mcp.vast.query import OfferFilters, build_offer_query
 
 pytestmark = pytest.mark.anyio
@@ -323,3 +323,25 @@ def test_cli_changes_a_bid(sim_server: SimServer, tmp_path: Path) -> None:
     assert row["dph_base"] == 7.5 and row["is_bid"] is True
     route = sim_server.cloud.request_log[-2]
     assert route["method"] == "PUT" and route["status"] == 200 and "bid_price" in route["route"]
+
+
+async def test_sim_keeps_its_own_messages_out_of_instance_logs(sim_cloud: SimCloud) -> None:
+    inst = await sim_cloud.create_instance(int(sim_cloud.catalog[0]["id"]), {"image": "img"})
+    with inst.log_path.open("a") as log:  # what the namespace tool prints on a restart, next to the job's output
+        log.write("unshare: sigprocmask unblock failed: Invalid argument\njob says hi\n")
+    token = sim_cloud.request_logs(inst.id, None, None, 0.0)
+    text = await sim_cloud.log_text(token)
+    assert text is not None and "job says hi" in text and "unshare" not in text
+
+
+async def test_routes_vast_has_answer_in_its_envelope(sim_client: httpx2.AsyncClient) -> None:
+    volumes = await sim_client.get("/api/v0/volumes/")
+    assert volumes.status_code == 200 and volumes.json() == {"success": True, "volumes": []}
+    execute = await sim_client.put("/api/v0/instances/command/1/", json={"command": "ls"})
+    assert execute.status_code == 400 and execute.json()["success"] is False
+    assert "not available on the simulated cloud" in execute.json()["msg"]
+
+
+def test_offer_table_shows_vram_as_the_cli_does() -> None:
+    row = offer_row(1, Offer(id=1, num_gpus=1, gpu_name="RTX 4090", gpu_ram=24564, dph_total=0.4))
+    assert row.gpu == "1× RTX 4090 24.6GB"  # 24,564 MB is not "25GB": a ">= 25 GB" reader must not be misled

@@ -220,7 +220,7 @@ class VastClient:
             headers["Content-Type"] = "application/json"
         content = None if method == "GET" else json.dumps({} if body is None else body).encode()
         query = _encode_params(params or {})
-        delay = 0.5
+        delay = 0.25
         for attempt in range(1, self.max_attempts + 1):
             last = attempt == self.max_attempts
             route = f"{method} {path.split('?', 1)[0]}"
