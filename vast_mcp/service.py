@@ -541,12 +541,21 @@ class Service:
         return inst
 
     async def _read_new(self, row: LedgerInstance) -> Instance | None:
-        """Read an instance just created: Vast's show may answer nothing for a moment after create, which is not
-        "gone"; read again (paced) for a short while before believing it."""
+        """Read an instance just created: Vast's show may answer nothing (or fail) for a moment after create, which
+        is not "gone"; read again (paced) for a short while before believing it."""
         assert row.instance_id is not None
         deadline = time.monotonic() + SHOW_GAP_S
         while True:
-            inst = await self._read(row.instance_id)
+            try:
+                inst = await self._read(row.instance_id)
+            except AuthError:
+                raise
+            except VastAPIError:
+                # A failed read is not an answer; the price must still be checked, so read again a while.
+                if time.monotonic() >= deadline:
+                    raise
+                await anyio.sleep(API_POLL_S)
+                continue
             if inst is not None or time.monotonic() >= deadline:
                 return inst
             await anyio.sleep(1.0)
