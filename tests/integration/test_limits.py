@@ -21,7 +21,7 @@ from vastai_runner import make_vastai_runner
 
 from vast_mcp.config import Secret, Settings
 from vast_mcp.consent import Caps
-from vast_mcp.errors import OfferUnavailableError, TemplateError
+from vast_mcp.errors import OfferUnavailableError, RateLimitedError, TemplateError
 from vast_mcp.service import CreateRequest, Service, offer_row
 from vast_mcp.sim.api import create_app
 from vast_mcp.sim.hosts import StateOnlyBackend
@@ -345,3 +345,26 @@ async def test_routes_vast_has_answer_in_its_envelope(sim_client: httpx2.AsyncCl
 def test_offer_table_shows_vram_as_the_cli_does() -> None:
     row = offer_row(1, Offer(id=1, num_gpus=1, gpu_name="RTX 4090", gpu_ram=24564, dph_total=0.4))
     assert row.gpu == "1× RTX 4090 24.6GB"  # 24,564 MB is not "25GB": a ">= 25 GB" reader must not be misled
+
+
+async def test_a_queue_longer_than_the_budget_is_an_error_not_a_hang(limited_cloud: SimCloud) -> None:
+    transport = httpx2.ASGITransport(app=create_app(limited_cloud, log_delay=0.0))
+    async with VastClient(
+        Secret(limited_cloud.api_key), ASGI_BASE_URL, transport=transport, limits=LIMITS, budget=0.5
+    ) as client:
+        iid = (await client.create_instance((await _cheapest(client))[0], image="img")).new_contract
+        outcomes: list[str] = []
+
+        async def show() -> None:
+            try:
+                await client.show_instance(iid)
+            except RateLimitedError as exc:
+                outcomes.append(f"queued: {exc.retry_after:g}")
+            else:
+                outcomes.append("shown")
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):  # 6 × 0.22 s of spacing does not fit in 0.5 s
+                tg.start_soon(show)
+    assert "shown" in outcomes and any(o.startswith("queued") for o in outcomes), outcomes
+    assert _429s(limited_cloud) == []

@@ -106,7 +106,7 @@ class Pacer:
     @asynccontextmanager
     async def slot(self, method: str, path: str, deadline: float) -> AsyncIterator[None]:
         """Wait until a call on this route is within the limit, and hold the route while it is made; raises
-        `RateLimitedError` when the wait would not fit before `deadline`.
+        `RateLimitedError` when the wait (queue included) would not fit before `deadline`.
 
         A call counts from the moment its answer is back, not from when it was sent: Vast has surely received it
         by then, so however the network delays one request and not the next, Vast never sees them closer than the
@@ -118,7 +118,18 @@ class Pacer:
             return
         window = self._windows.setdefault(limit.name, Window(limit))
         lock = self._locks.setdefault(limit.name, anyio.Lock())
-        async with lock:
+        spacing = limit.window_s / limit.calls
+        acquired = False
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            await lock.acquire()
+            acquired = True
+        if not acquired:
+            raise RateLimitedError(
+                f"Too many of this session's calls are queued for Vast's {limit.name.replace('_', ' ')} route. "
+                f"Wait {spacing:.0f} s or more, then try again.",
+                retry_after=spacing,
+            )
+        try:
             wait = window.wait(time.monotonic())
             if wait > deadline - time.monotonic():
                 raise RateLimitedError(
@@ -132,6 +143,8 @@ class Pacer:
                 yield
             finally:
                 window.note(time.monotonic())
+        finally:
+            lock.release()
 
     def refused(self, method: str, path: str, wait: float) -> float:
         """Vast refused a call anyway (another client on the key, or clock skew): hold the route for the wait it
