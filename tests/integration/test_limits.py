@@ -16,7 +16,6 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
-from conftest import ASGI_BASE_URL, TEST_BOOT_DELAY
 from vastai_runner import make_vastai_runner
 
 from vast_mcp.config import Secret, Settings
@@ -34,6 +33,8 @@ from vast_mcp.vast.query import OfferFilters, build_offer_query
 
 pytestmark = pytest.mark.anyio
 
+ASGI_BASE_URL = "http://sim.test"
+TEST_BOOT_DELAY = 0.05
 SCALE = 0.1  # show 0.2 s, destroy 0.3 s, create 0.45 s (penalty 1.2 s), search 10 per 6 s
 LIMITS = scaled_limits(SCALE)
 
