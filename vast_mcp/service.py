@@ -751,7 +751,7 @@ class Service:
                 return host
             # A new connection is to be opened: read the instance first, so a dead one is explained as dead
             # rather than as a refused connection.
-        inst = await self._read(instance_id)
+        inst = await self._read(instance_id, fresh_s=0.0)  # the row wait_ready saw may predate a failure
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
         if inst.is_dead:
