@@ -751,7 +751,11 @@ class Service:
                 return host
             # A new connection is to be opened: read the instance first, so a dead one is explained as dead
             # rather than as a refused connection.
-        inst = await self._read(instance_id, fresh_s=0.0)  # the row wait_ready saw may predate a failure
+        # When the last connection to it died, the row wait_ready saw moments ago may predate a failure: read anew,
+        # so a dead instance is explained as dead. Otherwise that row is good (and saves a paced read).
+        previous = self._beating.get(instance_id)
+        died = previous is not None and _connection_dead(previous)
+        inst = await self._read(instance_id, fresh_s=0.0 if died else SEEN_FRESH_S)
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
         if inst.is_dead:
@@ -994,6 +998,12 @@ class Service:
             session_cap_usd=self.session_cap,
             notices=list(self.notices),
         )
+
+
+def _connection_dead(host: RemoteHost) -> bool:
+    """Whether `host` had an SSH connection that has since closed or been lost."""
+    conn = getattr(host, "_conn", None)
+    return conn is not None and (bool(getattr(host, "_lost", False)) or bool(conn.is_closed()))
 
 
 def _connection_alive(host: RemoteHost) -> bool:
