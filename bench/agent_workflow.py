@@ -22,7 +22,12 @@ returns, when exec_background returns, or (run_job, where the server starts the 
 start time the job itself writes on the instance (`date`), which also cross-checks the other two ways.
 Every instance gets a random boot delay (the sim's per-instance `boot_delay` fault); each way sees the same list.
 
+The sim enforces Vast's per-route rate limits (`--limits 1`, as documented; `0` turns them off); each job's
+requests to the API are counted from the sim's request log, with how many were answered 429 and how many tool
+results told the agent it was rate-limited ("surfaced").
+
 Usage: .venv/bin/python bench/agent_workflow.py [--runs 5] [--boot 2 12] [--seed 6] [--ways seed,granular,run_job]
+       [--limits 1]
        [--transcript]   (also print what the model reads, call by call, in each way's first job)
 """
 
@@ -55,6 +60,7 @@ from mcp.types import CallToolResult, ElicitResult
 from vast_mcp.sim.hosts import describe_backend, select_backend
 from vast_mcp.sim.server import SimServer
 from vast_mcp.sim.state import SimCloud
+from vast_mcp.vast.limits import scaled_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "vast_mcp" / "demo" / "train.py"
@@ -119,6 +125,11 @@ class Run:
     destroyed_ok: bool = False
     boot_polls: list[str] = field(default_factory=list)  # seed only: the statuses Phase 5 saw
     error: str | None = None
+    api_since: int = 0  # the sim's request counter when the job began
+    api_calls: int = 0  # requests the job made to the (simulated) Vast API, the log fetches excluded
+    api_429: int = 0  # of those, answered 429 by the rate limiter
+    agent_429: int = 0  # tool results that told the agent it was rate-limited
+    api_429_routes: list[str] = field(default_factory=list)
 
     def record(self, call: Call) -> None:
         self.calls.append(call)
@@ -198,6 +209,22 @@ def _admin(url: str, method: str, path: str, body: dict[str, Any] | None = None)
     )
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.load(answer)
+
+
+def api_seq(sim: SimServer) -> int:
+    """The sim's last request number, so a job's API calls can be counted from it."""
+    rows = _admin(sim.url, "GET", "/_sim/requests?since=0")["requests"]
+    return int(rows[-1]["seq"]) if rows else 0
+
+
+def count_api(sim: SimServer, run: Run) -> None:
+    rows = _admin(sim.url, "GET", f"/_sim/requests?since={run.api_since}")["requests"]
+    api = [r for r in rows if not str(r["route"]).startswith("/_sim/")]
+    run.api_calls = len(api)
+    run.api_429 = sum(1 for r in api if r["status"] == 429)
+    run.api_429_routes = sorted(
+        {f"{r['method']} {r['route']} ({r.get('user_agent') or 'no user agent'})" for r in api if r["status"] == 429}
+    )
 
 
 def arm_boot_delay(sim: SimServer, seconds: float) -> None:
@@ -427,6 +454,8 @@ async def call(client: Client, run: Run, tool: str, args: dict[str, Any]) -> dic
     structured = result.structured_content or {}
     size = len(json.dumps(structured, separators=(",", ":")))
     run.record(Call(tool, len(text), size, time.monotonic() - started, text))
+    if "rate-limit" in text.lower() or "too frequent" in text.lower():
+        run.agent_429 += 1
     if result.is_error:
         raise BenchError(f"{tool} failed: {text[-500:]}")
     return structured
@@ -587,7 +616,7 @@ def table(summaries: list[WaySummary]) -> list[str]:
     head = (
         f"{'way':<9} {'runs':>4} {'calls/job':>9} {'chars/job':>10} {'struct/job':>10}  "
         f"{'readiness lag median (min-max)':<31} {'by job clock':>12} {'wall/job':>9} {'results ok':>10} "
-        f"{'destroyed':>9}"
+        f"{'destroyed':>9} {'API/job':>7} {'429s':>5} {'surfaced':>8}"
     )
     lines = [head, "-" * len(head)]
     for s in summaries:
@@ -596,7 +625,9 @@ def table(summaries: list[WaySummary]) -> list[str]:
         lines.append(
             f"{s.way:<9} {len(s.ok):>2}/{n:<1} {s.calls:>9.1f} {s.chars:>10,.0f} {struct:>10}  "
             f"{_span(s.lags):<31} {_median(s.clock_lags):>10.2f} s {s.per_run(lambda r: r.wall_s):>7.1f} s "
-            f"{sum(r.results_ok for r in s.runs):>8}/{n} {sum(r.destroyed_ok for r in s.runs):>7}/{n}"
+            f"{sum(r.results_ok for r in s.runs):>8}/{n} {sum(r.destroyed_ok for r in s.runs):>7}/{n} "
+            f"{s.per_run(lambda r: r.api_calls):>7.1f} {sum(r.api_429 for r in s.runs):>5} "
+            f"{sum(r.agent_429 for r in s.runs):>8}"
         )
     return lines
 
@@ -653,7 +684,7 @@ async def our_ways(
             job = granular_job if way == "granular" else run_job_job
             out[way] = []
             for number, delay in enumerate(delays, 1):
-                run = Run(way, number, delay)
+                run = Run(way, number, delay, api_since=api_seq(sim))
                 out[way].append(run)
                 try:
                     await job(client, sim, run, work, ref)
@@ -666,6 +697,7 @@ async def our_ways(
 def finish(sim: SimServer, run: Run, watch: SshdWatch) -> None:
     """Judge the run by the cloud's own view, then clean up whatever a failed run left alive."""
     run.sshd_accepted = watch.accepted_at(run.instance_id)
+    count_api(sim, run)
     run.destroyed_ok = gone(sim, run.instance_id)
     destroy_leftovers(sim)
     lag = "n/a" if run.lag is None else f"{run.lag:.2f} s"
@@ -675,9 +707,11 @@ def finish(sim: SimServer, run: Run, watch: SshdWatch) -> None:
         *([] if run.destroyed_ok else ["instance not destroyed by the workflow"]),
     ]
     status = "FAILED: " + "; ".join(problems) if problems else "ok"
+    where_429 = ": " + ", ".join(run.api_429_routes) if run.api_429_routes else ""
     print(
         f"  {run.way} #{run.number}: boot {run.boot_delay:.1f} s, instance {run.instance_id}, {len(run.calls)} calls, "
-        f"{sum(c.chars for c in run.calls):,} chars, readiness lag {lag}, {run.wall_s:.1f} s: {status}",
+        f"{sum(c.chars for c in run.calls):,} chars, {run.api_calls} API calls ({run.api_429} answered 429, "
+        f"{run.agent_429} surfaced{where_429}), readiness lag {lag}, {run.wall_s:.1f} s: {status}",
         flush=True,
     )
 
@@ -686,7 +720,7 @@ def seed_way(sim: SimServer, work: Path, delays: Sequence[float], watch: SshdWat
     shell = SeedShell(sim, work / "seed-home")
     runs: list[Run] = []
     for number, delay in enumerate(delays, 1):
-        run = Run("seed", number, delay)
+        run = Run("seed", number, delay, api_since=api_seq(sim))
         runs.append(run)
         try:
             seed_job(sim, shell, run, work, ref)
@@ -786,6 +820,12 @@ async def main() -> int:
     parser.add_argument("--boot", type=float, nargs=2, default=(2.0, 12.0), metavar=("MIN", "MAX"))
     parser.add_argument("--seed", type=int, default=6, help="random seed of the boot delays")
     parser.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of " + ",".join(WAYS))
+    parser.add_argument(
+        "--limits",
+        type=float,
+        default=1.0,
+        help="scale of Vast's per-route rate limits the sim enforces (1 = as documented, 0 = none)",
+    )
     parser.add_argument("--transcript", action="store_true", help="print what the model reads in each way's job #1")
     args = parser.parse_args()
     ways = [w for w in WAYS if w in args.ways.split(",")]
@@ -799,7 +839,12 @@ async def main() -> int:
         (work / "tiny-job").mkdir()
         shutil.copy(TRAIN_SCRIPT, work / "tiny-job" / "train.py")
         ref = await anyio.to_thread.run_sync(reference_results, work)
-        cloud = SimCloud(backend=backend, boot_delay=SIM_DEFAULT_BOOT_S, root_dir=work / "cloud")
+        cloud = SimCloud(
+            backend=backend,
+            boot_delay=SIM_DEFAULT_BOOT_S,
+            root_dir=work / "cloud",
+            limits=scaled_limits(args.limits),
+        )
         with SimServer(cloud) as sim, SshdWatch(cloud) as watch:
             try:
                 if "seed" in ways:

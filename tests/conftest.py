@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,10 @@ from vast_mcp.sim.api import create_app
 from vast_mcp.sim.hosts import Host, HostSpec, StateOnlyBackend
 from vast_mcp.sim.server import SimServer
 from vast_mcp.sim.state import SimCloud
+
+# The simulated clouds of most tests do not rate-limit, so the servers they start need not pace their calls;
+# the tests of pacing turn it on (with the limits scaled down on both sides).
+os.environ.setdefault("VAST_MCP_API_PACING", "0")
 
 # Short enough to keep tests fast, long enough that `created`/`loading` are observable.
 TEST_BOOT_DELAY = 0.05

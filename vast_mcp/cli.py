@@ -17,11 +17,25 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     p.add_argument("--api-key", default=None, help="API key the simulated account accepts (default: random)")
+    p.add_argument(
+        "--limits",
+        type=float,
+        default=1.0,
+        help="scale of Vast's per-route rate limits (1 = as Vast documents them, 0 = none)",
+    )
+    p.add_argument(
+        "--pull-scale",
+        type=float,
+        default=0.0,
+        help="image pulls take their real time (about 45 s per GB) times this (default 0: no pull time)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from .sim.server import main as sim_main
 
-        return sim_main(host=args.host, port=args.port, api_key=args.api_key)
+        return sim_main(
+            host=args.host, port=args.port, api_key=args.api_key, limits=args.limits, pull_scale=args.pull_scale
+        )
 
     p.set_defaults(handler=run)
 

@@ -142,6 +142,21 @@ def http_token_from_env() -> str | None:
     return raw or None
 
 
+def api_pacing_from_env() -> float:
+    """`VAST_MCP_API_PACING`: the scale of Vast's per-route rate limits our calls keep to (1, the default, is as
+    Vast documents them; 0 turns pacing off, for a simulated cloud that does not limit)."""
+    raw = os.environ.get("VAST_MCP_API_PACING", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"VAST_MCP_API_PACING={raw!r} is not a number; use 1 (Vast's limits) or 0.") from None
+    if value < 0 or value != value:
+        raise ConfigError(f"VAST_MCP_API_PACING={raw!r} must be 0 or more.")
+    return value
+
+
 def allowed_roots() -> list[Path]:
     """Local folders uploads may read and downloads may write: `VAST_MCP_ROOTS` (os.pathsep-separated), else the
     working directory (the home directory when that is `/`, as for desktop hosts)."""
@@ -164,6 +179,7 @@ class Settings:
     roots: list[Path] = field(default_factory=allowed_roots)
     lease_s: float | None = DEFAULT_LEASE_S  # dead-man's switch: None disables it
     http_idle_s: float = DEFAULT_HTTP_IDLE_S
+    api_pacing: float = 1.0  # scale of Vast's rate limits the client keeps to; 0: no pacing
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -177,4 +193,5 @@ class Settings:
             roots=allowed_roots(),
             lease_s=lease_from_env(),
             http_idle_s=http_idle_from_env(),
+            api_pacing=api_pacing_from_env(),
         )

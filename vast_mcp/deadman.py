@@ -110,7 +110,8 @@ def judge(output: str) -> str | None:
         )
     if values.get("key") != "1":
         return "CONTAINER_API_KEY or CONTAINER_ID is not set in the container, so its watchdog cannot authenticate"
-    if values.get("read") != "200":
+    # 429: Vast knew the key and only refused the pace, so the watchdog's one DELETE will be heard.
+    if values.get("read") not in ("200", "429"):
         return (
             f"its watchdog could not reach the Vast API with the instance's own key (answer: "
             f"{values.get('read') or 'none'})"

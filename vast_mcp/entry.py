@@ -17,6 +17,7 @@ from .ledger import Ledger, account_scope, format_ledger, ledger_path
 from .reaper import ReapReport, reap_dead_sessions, reap_session
 from .remote.keys import load_client_key
 from .vast.client import VastClient
+from .vast.limits import scaled_limits
 
 
 def _logging() -> None:
@@ -55,7 +56,9 @@ def reap(*, session_id: str | None, within: float) -> int:
 
     async def run() -> ReapReport:
         async with (
-            VastClient(settings.api_key, settings.vast_url, budget=within) as client,
+            VastClient(
+                settings.api_key, settings.vast_url, budget=within, limits=scaled_limits(settings.api_pacing)
+            ) as client,
             await Ledger.open(ledger_path(settings.state_dir)) as ledger,
         ):
             report = ReapReport()

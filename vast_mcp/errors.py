@@ -75,6 +75,10 @@ class InvalidRequestError(VastAPIError):
 # --- Consent to cost and the session ledger ------------------------------------------------------------------
 
 
+class TemplateError(VastMCPError):
+    """A template that cannot give what the product needs (SSH), or that cannot be found."""
+
+
 class ConsentError(VastMCPError):
     """A rent was refused by the consent rules; the message says what to change or what to ask the user."""
 

@@ -56,12 +56,15 @@ async def destroy_confirmed(client: VastClient, instance_id: int, *, within: flo
     deadline = time.monotonic() + within
     delay = CONFIRM_POLL_S
     last: Exception | None = None
+    asked = False  # once Vast accepted the destroy, only reading it back remains (each call is rate-limited)
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise VastAPIError(f"could not confirm the destroy within {within:.0f} s ({last or 'still listed'})")
         try:
-            await client.destroy_instance(instance_id)
+            if not asked:
+                await client.destroy_instance(instance_id)
+                asked = True
             if await client.show_instance(instance_id) is None:
                 return
             last = None

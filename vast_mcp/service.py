@@ -24,12 +24,15 @@ from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
 from .deadman import check_command as deadman_check_command
 from .deadman import judge as deadman_judge
 from .errors import (
+    AuthError,
     ConsentError,
+    InvalidRequestError,
     LedgerError,
     OfferUnavailableError,
     QuoteMismatchError,
     RemoteError,
     SSHUnavailableError,
+    TemplateError,
     TransferError,
     VastAPIError,
     VastMCPError,
@@ -63,7 +66,8 @@ from .results import (
 )
 from .vast.client import VastClient
 from .vast.create import build_create_body
-from .vast.models import DEAD_STATUSES, Instance, Offer
+from .vast.limits import scaled_limits
+from .vast.models import Instance, Offer
 from .vast.query import OfferFilters, build_offer_query
 
 log = logging.getLogger("vast_mcp.service")
@@ -79,6 +83,10 @@ LIMITS_CHECK_S = 1.0  # how often a session checks its instances' max runtimes a
 RUN_GRACE_S = 600.0  # past its max runtime, a run's machine gets this long to hand over its results
 CAP_WARN_AT = 0.8  # share of VAST_MCP_MAX_SESSION_USD spent at which the session warns
 REQUOTE_AFTER_S = 60.0  # a quote younger than this is reused for the same request instead of searching again
+ADDRESS_TTL_S = 30.0  # an instance's SSH address, once read, is used this long without asking Vast again
+SEEN_FRESH_S = API_POLL_S  # an instance row this young answers a read instead of a new show-instance call
+DIRECT_PROBE_S = 3.0  # a direct port that does not accept a connection this fast loses to the proxy
+SHOW_GAP_S = 30.0  # right after create, Vast's show instance may answer nothing for a moment: not "gone" yet
 
 
 async def _no_progress(done: float, total: float | None, message: str) -> None:
@@ -112,7 +120,7 @@ class CreateRequest:
 
 
 def offer_row(rank: int, offer: Offer) -> OfferRow:
-    vram = f" {offer.gpu_ram / 1000:.0f}GB" if offer.gpu_ram else ""
+    vram = f" {offer.gpu_ram / 1000:.1f}GB" if offer.gpu_ram else ""  # as the vastai CLI shows it: never rounded up
     return OfferRow(
         rank=rank,
         offer_id=offer.id,
@@ -170,11 +178,17 @@ class Service:
         self._beating: dict[int, RemoteHost] = {}  # instances whose dead-man's switch this session feeds
         self._ssh_failures: dict[int, SSHFailures] = {}  # why each instance was not ready, across calls
         self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
+        self._watchdog_locks: dict[int, anyio.Lock] = {}
         self._create_lock = anyio.Lock()
         self._cap_warned = False
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
         self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
         self.run_instances: Callable[[], set[int]] = set  # instances in use by runs (set by the session's RunBook)
+        # What this session already knows, so no tool call asks Vast again for it (every route is rate-limited):
+        self._seen: dict[int, tuple[float, Instance]] = {}  # the latest row of each instance, with when it was read
+        self._addresses: dict[int, tuple[float, tuple[str, int]]] = {}  # SSH address per instance, until a TTL
+        self._found: dict[int, tuple[float, float, Offer]] = {}  # offers of recent searches: (when, disk, offer)
+        self._per_instance_key = False  # a team key cannot register account SSH keys: attach ours per instance
 
     @classmethod
     @asynccontextmanager
@@ -184,7 +198,7 @@ class Service:
         await anyio.to_thread.run_sync(lambda: settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
         key = await load_client_key(settings.state_dir, settings.ssh_key_path)
         async with (
-            VastClient(settings.api_key, settings.vast_url) as client,
+            VastClient(settings.api_key, settings.vast_url, limits=scaled_limits(settings.api_pacing)) as client,
             await Ledger.open(ledger_path(settings.state_dir)) as ledger,
         ):
             session = await ledger.start_session(account_scope(settings.vast_url, settings.api_key))
@@ -308,13 +322,32 @@ class Service:
     # --- offers and consent -----------------------------------------------------------------------------------
 
     async def search(
-        self, *, query: str | None, filters: OfferFilters, disk_gb: float, order: str, limit: int
+        self,
+        *,
+        query: str | None,
+        filters: OfferFilters,
+        disk_gb: float,
+        order: str,
+        limit: int,
+        prefer_direct: bool = False,
     ) -> OffersResult:
+        """Offers matching the request. With `prefer_direct` (a job that moves data), offers whose machines publish
+        direct ports come first, each group in the asked order: Vast's proxy is slower for data."""
         body = build_offer_query(query or None, filters=filters, order=order, limit=limit, storage_gb=disk_gb)
         offers = await self.client.search_offers(body)
+        now = self.quotes.clock()
+        for offer in offers:
+            self._found[offer.id] = (now, disk_gb, offer)
+        if prefer_direct:
+            offers = sorted(offers, key=lambda o: not o.direct_port_count)
         return OffersResult(disk_gb=disk_gb, offers=[offer_row(i, o) for i, o in enumerate(offers[:limit], 1)])
 
     async def _offer(self, offer_id: int, disk_gb: float) -> Offer:
+        """The offer as Vast prices it now: from a search of the last minute when there was one (Vast allows about
+        ten searches a minute, and a failover would otherwise spend one per candidate), else searched by id."""
+        found = self._found.get(offer_id)
+        if found is not None and found[1] == disk_gb and self.quotes.clock() - found[0] <= REQUOTE_AFTER_S:
+            return found[2]
         body = build_offer_query(None, storage_gb=disk_gb, limit=1, no_default=True)
         body = {"id": {"eq": offer_id}, "rentable": {"eq": True}, **body}
         offers = await self.client.search_offers(body)
@@ -374,8 +407,43 @@ class Service:
         ours = self.key.public_line.split()[1]
         keys = await self.client.list_ssh_keys()
         if not any(len(k.text.split()) > 1 and k.text.split()[1] == ours for k in keys):
-            await self.client.create_ssh_key(self.key.public_line)
+            try:
+                await self.client.create_ssh_key(self.key.public_line)
+            except InvalidRequestError as exc:
+                if "team" not in str(exc).lower():
+                    raise
+                # Team API keys may not register account keys; the per-instance route still takes ours.
+                log.info("account SSH keys refused for a team key; attaching the key to each instance instead")
+                self._per_instance_key = True
         self._key_registered = True
+
+    async def _attach_key(self, instance_id: int) -> None:
+        """Give one instance our key directly (the team-key route). If Vast refuses that too, the instance is of no
+        use: it is destroyed, and the error says what to do."""
+        try:
+            await self.client.attach_ssh_key(instance_id, self.key.public_line)
+        except VastAPIError as exc:
+            with contextlib.suppress(VastMCPError):
+                await self.destroy(instance_id)
+            raise SSHUnavailableError(
+                f"Vast refused our SSH key for instance {instance_id} ({exc}); the instance was destroyed. This API "
+                "key is a team key, which cannot register SSH keys: use a personal API key "
+                "(https://cloud.vast.ai/manage-keys/), or have the team add this public key to its account: "
+                f"{self.key.public_line}"
+            ) from exc
+
+    async def _template(self, request: CreateRequest) -> str | None:
+        """Check the request's template can give SSH; its own onstart (None without a template)."""
+        if request.template_hash is None:
+            return None
+        template = await self.client.template(request.template_hash)
+        if not template.has_ssh:
+            raise TemplateError(
+                f"Template {template.name or request.template_hash} runs in the '{template.runtype}' (entrypoint) "
+                "mode, where Vast gives no SSH, so nothing could be uploaded or run. Use a template with an SSH "
+                "runtype, or give its image instead (image=...) and put the entrypoint's work in the job."
+            )
+        return template.onstart or None
 
     async def create(self, request: CreateRequest, grant: Grant, progress: Progress = _no_progress) -> CreateResult:
         """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
@@ -387,6 +455,7 @@ class Service:
             )
         if grant.session_cap is not None and self.session_cap is not None:
             self.session_cap = max(self.session_cap, grant.session_cap)  # the user said yes to the raise
+        template_onstart = await self._template(request)
         async with self._create_lock:  # caps are checked and the intent written as one step per session
             await self._check_caps(quote, session_cap=self.session_cap)
             await self.ensure_key_registered()
@@ -408,7 +477,7 @@ class Service:
                 template_hash=request.template_hash,
                 disk_gb=request.disk_gb,
                 label=row.label,
-                onstart=self._onstart(request),
+                onstart=self._onstart(request, template_onstart),
                 env=params["env"],
             )
         except (OfferUnavailableError, ConsentError) as exc:
@@ -428,6 +497,8 @@ class Service:
         else:
             instance_id = created.new_contract
         row = await self.ledger.mark_created(row.row_id, instance_id)
+        if self._per_instance_key:
+            await self._attach_key(instance_id)
         await progress(2, 3, f"created instance {instance_id}; checking its price")
         await self._recheck_price(row, quote)
         await progress(3, 3, "created")
@@ -440,13 +511,16 @@ class Service:
             ends_at=row.created_at + quote.max_runtime_h * 3600,
         )
 
-    def _onstart(self, request: CreateRequest) -> str | None:
+    def _onstart(self, request: CreateRequest, template_onstart: str | None = None) -> str | None:
+        """The onstart to send. Vast lets a request's onstart replace the template's, so with a watchdog to add,
+        the template's own onstart (e.g. the `entrypoint.sh` of Vast's images) is sent after it, unless the
+        request brings its own."""
         lease = self.settings.lease_s
         if lease is None:
             return request.onstart
         runs_for = request.max_runtime_h * 3600 + RUN_GRACE_S
         return onstart_with_watchdog(
-            request.onstart, api_url=self.settings.vast_url, lease_s=lease, runs_for_s=runs_for
+            request.onstart or template_onstart, api_url=self.settings.vast_url, lease_s=lease, runs_for_s=runs_for
         )
 
     async def _find_lost(self, row: LedgerInstance) -> int | None:
@@ -457,9 +531,42 @@ class Service:
         inst = found.get(row.label)
         return inst.id if inst is not None else None
 
+    async def _read(self, instance_id: int, *, fresh_s: float = SEEN_FRESH_S) -> Instance | None:
+        """The instance's row: the one read moments ago when there is one (wait_ready's first look follows create's
+        price check by milliseconds), else a new read."""
+        seen = self._seen.get(instance_id)
+        if seen is not None and time.monotonic() - seen[0] <= fresh_s:
+            return seen[1]
+        inst = await self.client.show_instance(instance_id)
+        if inst is None:
+            self._seen.pop(instance_id, None)
+        else:
+            self._seen[instance_id] = (time.monotonic(), inst)
+        return inst
+
+    async def _read_new(self, row: LedgerInstance) -> Instance | None:
+        """Read an instance just created: Vast's show may answer nothing (or fail) for a moment after create, which
+        is not "gone"; read again (paced) for a short while before believing it."""
+        assert row.instance_id is not None
+        deadline = time.monotonic() + SHOW_GAP_S
+        while True:
+            try:
+                inst = await self._read(row.instance_id)
+            except AuthError:
+                raise
+            except VastAPIError:
+                # A failed read is not an answer; the price must still be checked, so read again a while.
+                if time.monotonic() >= deadline:
+                    raise
+                await anyio.sleep(API_POLL_S)
+                continue
+            if inst is not None or time.monotonic() >= deadline:
+                return inst
+            await anyio.sleep(1.0)
+
     async def _recheck_price(self, row: LedgerInstance, quote: Quote) -> None:
         assert row.instance_id is not None
-        inst = await self.client.show_instance(row.instance_id)
+        inst = await self._read_new(row)
         if inst is None or inst.dph_total is None:
             return
         await self.ledger.set_actual_dph(row.row_id, inst.dph_total)
@@ -490,7 +597,7 @@ class Service:
         address while the image still loads), the host itself is probed several times a second, so readiness is
         seen within a fraction of a second of sshd accepting.
         """
-        await self.require_own(instance_id)
+        own = await self.require_own(instance_id)
         started = time.monotonic()
         latest: list[Instance] = []
         outcome: list[ReadyResult] = []
@@ -519,6 +626,10 @@ class Service:
                 return
             current = latest[-1] if latest else inst
             self._beating[instance_id] = host
+            if current.direct_ssh() in (None, address):
+                # Direct ports carry data faster than Vast's proxy: a proxy that won the race is not remembered
+                # while a direct port is published, so the next tool call reads it and connects directly.
+                self._addresses[instance_id] = (time.monotonic() + ADDRESS_TTL_S, address)
             self._ssh_failures.pop(instance_id, None)
             result = ready_result(instance_id, current, host, info, time.monotonic() - started)
             result.watchdog = await self._check_watchdog(instance_id, host)
@@ -528,19 +639,33 @@ class Service:
             async with anyio.create_task_group() as tg:
                 with anyio.move_on_after(budget):
                     while True:
-                        inst = await self.client.show_instance(instance_id)
+                        try:
+                            inst = await self._read(instance_id)
+                        except AuthError:
+                            raise
+                        except VastAPIError as exc:
+                            # A failed read says nothing about the machine: keep watching (the pacer spaces us).
+                            await progress(
+                                time.monotonic() - started, budget, f"instance {instance_id}: Vast API error ({exc})"
+                            )
+                            await anyio.sleep(API_POLL_S)
+                            continue
                         if inst is None:
+                            if time.time() - own.created_at < SHOW_GAP_S:
+                                await anyio.sleep(API_POLL_S)  # Vast's show lags a create by a moment
+                                continue
                             raise VastMCPError(
                                 f"Instance {instance_id} no longer exists on Vast. Search for a new offer."
                             )
                         latest.append(inst)
-                        if inst.actual_status in DEAD_STATUSES:
+                        problem = inst.boot_problem()
+                        if problem is not None:
                             failed = ReadyResult(
                                 instance_id=instance_id,
                                 ready=False,
                                 failed=True,
                                 status=inst.actual_status,
-                                status_msg=inst.status_msg,
+                                status_msg=problem,
                                 waited_s=time.monotonic() - started,
                             )
                             finish(failed, tg.cancel_scope)
@@ -565,6 +690,14 @@ class Service:
             raise first from None
         if outcome:
             return outcome[0]
+        if not latest:
+            return ReadyResult(
+                instance_id=instance_id,
+                ready=False,
+                status=None,
+                status_msg="Vast's API did not answer while waiting; the instance is still tracked",
+                waited_s=time.monotonic() - started,
+            )
         inst = latest[-1]
         return ReadyResult(
             instance_id=instance_id,
@@ -582,17 +715,20 @@ class Service:
         """Whether the instance's dead-man's switch can work ('ok'), else why not; None without a lease."""
         if self.settings.lease_s is None:
             return None
-        if instance_id in self._watchdog:
-            return self._watchdog[instance_id]  # an image does not change while the instance lives
-        try:
-            res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
-        except (RemoteError, TimeoutError) as exc:
-            problem: str | None = f"it could not be checked ({exc})"
-        else:
-            problem = deadman_judge(res.stdout) if res.ok else f"its check failed ({res.stderr.strip()[-300:]})"
-        verdict = problem or "ok"
-        self._watchdog[instance_id] = verdict
-        return verdict
+        # Both SSH paths may come up at once; one check per instance, or the second one's read of the API (with
+        # the instance's own key, inside the show route's interval) is refused and misread as a broken watchdog.
+        async with self._watchdog_locks.setdefault(instance_id, anyio.Lock()):
+            if instance_id in self._watchdog:
+                return self._watchdog[instance_id]  # an image does not change while the instance lives
+            try:
+                res = await host.run(deadman_check_command(self.settings.vast_url), time_limit=30.0)
+            except (RemoteError, TimeoutError) as exc:
+                problem: str | None = f"it could not be checked ({exc})"
+            else:
+                problem = deadman_judge(res.stdout) if res.ok else f"its check failed ({res.stderr.strip()[-300:]})"
+            verdict = problem or "ok"
+            self._watchdog[instance_id] = verdict
+            return verdict
 
     def _host(self, instance_id: int, address: tuple[str, int]) -> RemoteHost:
         return self.hosts.get(SSHTarget(host_id=f"{self.scope}/{instance_id}", host=address[0], port=address[1]))
@@ -604,9 +740,26 @@ class Service:
         return self._host(instance_id, address)
 
     async def connected(self, instance_id: int) -> RemoteHost:
-        """The SSH connection of one of this session's instances (direct address when published, else proxy)."""
+        """The SSH connection of one of this session's instances (direct address when published, else proxy).
+
+        Every tool call and every tail iteration comes through here, so the address a call already learnt is used
+        for `ADDRESS_TTL_S` without asking Vast (show instance allows one call per ~2 s). A dead instance then shows
+        as an SSH failure, which the callers already explain by reading the instance.
+        """
         await self.require_own(instance_id)
-        inst = await self.client.show_instance(instance_id)
+        known = self._addresses.get(instance_id)
+        if known is not None and time.monotonic() < known[0]:
+            host = self._host(instance_id, known[1])
+            if _connection_alive(host):
+                self._beating[instance_id] = host
+                return host
+            # A new connection is to be opened: read the instance first, so a dead one is explained as dead
+            # rather than as a refused connection.
+        # When the last connection to it died, the row wait_ready saw moments ago may predate a failure: read anew,
+        # so a dead instance is explained as dead. Otherwise that row is good (and saves a paced read).
+        previous = self._beating.get(instance_id)
+        died = previous is not None and _connection_dead(previous)
+        inst = await self._read(instance_id, fresh_s=0.0 if died else SEEN_FRESH_S)
         if inst is None:
             raise VastMCPError(f"Instance {instance_id} no longer exists on Vast.")
         if inst.is_dead:
@@ -614,9 +767,27 @@ class Service:
                 f"Instance {instance_id} is {inst.actual_status} ({inst.status_msg or 'no message'}); its files "
                 "cannot be reached. Destroy it, or start it again if it was stopped."
             )
-        host = self.remote(instance_id, inst)
+        address = await self._reachable(inst)
+        if address is None:
+            raise SSHUnavailableError(f"Instance {instance_id} has no SSH address yet. Call wait_ready first.")
+        host = self._host(instance_id, address)
         self._beating[instance_id] = host
+        self._addresses[instance_id] = (time.monotonic() + ADDRESS_TTL_S, address)
         return host
+
+    async def _reachable(self, inst: Instance) -> tuple[str, int] | None:
+        """The direct SSH address when it accepts a connection (faster for data), else Vast's proxy."""
+        direct, proxy = inst.direct_ssh(), inst.proxy_ssh()
+        if direct is None or proxy is None:
+            return direct or proxy
+        with anyio.move_on_after(DIRECT_PROBE_S):
+            try:
+                stream = await anyio.connect_tcp(*direct)
+            except OSError:
+                return proxy
+            await stream.aclose()
+            return direct
+        return proxy
 
     # --- files -------------------------------------------------------------------------------------------------
 
@@ -857,6 +1028,8 @@ class Service:
                 "retried; call destroy again in a minute."
             ) from exc
         self._beating.pop(instance_id, None)
+        self._addresses.pop(instance_id, None)
+        self._seen.pop(instance_id, None)
         await self.hosts.forget(f"{self.scope}/{instance_id}")
         return DestroyResult(instance_id=instance_id, confirmed=True, accrued_usd=accrued)
 
@@ -899,6 +1072,18 @@ class Service:
             session_cap_usd=self.session_cap,
             notices=list(self.notices),
         )
+
+
+def _connection_dead(host: RemoteHost) -> bool:
+    """Whether `host` had an SSH connection that has since closed or been lost."""
+    conn = getattr(host, "_conn", None)
+    return conn is not None and (bool(getattr(host, "_lost", False)) or bool(conn.is_closed()))
+
+
+def _connection_alive(host: RemoteHost) -> bool:
+    """Whether `host` holds an open SSH connection (so using it needs no fresh look at the instance)."""
+    conn = getattr(host, "_conn", None)
+    return conn is not None and not getattr(host, "_lost", False) and not conn.is_closed()
 
 
 def ready_result(instance_id: int, inst: Instance, host: RemoteHost, info: HostInfo, waited: float) -> ReadyResult:

@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from .approval import ApprovedBy, Grant, request_digest
 from .consent import Quote
 from .errors import (
+    AuthError,
     CapExceededError,
     ConsentError,
     OfferUnavailableError,
@@ -57,6 +58,7 @@ MAX_TRIES = 3
 LOG_KEEP_BYTES = 64 * 1024  # job log kept per run for run_status; older output stays in the file on the instance
 LOG_TAIL_BYTES = 4 * 1024  # end of the log shown in the receipt
 READ_MAX_BYTES = 16 * 1024  # log returned by one run_status call
+PULL_MAX_S = 1800.0  # a boot that keeps making progress (a big image pulling) is given up on only after this
 WAIT_READY_CHUNK_S = 30.0  # one Service.wait_ready call; the run's status is refreshed between calls
 TAIL_WAIT_S = 20.0  # the instance holds a tail request this long waiting for output
 TAIL_SPACING_S = 2.0  # each tail also reads the instance from Vast, whose show-instance route allows ~1 call / 2 s
@@ -91,6 +93,11 @@ class RunSpec:
     keep_on_failure: bool = False
     ready_timeout_s: float = 300.0
     max_tries: int = MAX_TRIES
+
+    @property
+    def moves_data(self) -> bool:
+        """Whether the job uploads or downloads: then offers with direct ports rank first (the proxy is slower)."""
+        return bool(self.uploads or self.results)
 
     def request(self, offer_id: int) -> CreateRequest:
         return CreateRequest(
@@ -203,7 +210,12 @@ async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = F
     if spec.results_dir is not None:
         service.local_path(spec.results_dir, must_exist=False)
     found = await service.search(
-        query=spec.query, filters=spec.filters, disk_gb=spec.disk_gb, order="dph", limit=spec.max_tries
+        query=spec.query,
+        filters=spec.filters,
+        disk_gb=spec.disk_gb,
+        order="dph",
+        limit=spec.max_tries,
+        prefer_direct=spec.moves_data,
     )
     if not found.offers:
         budget = f" at or below ${spec.budget_dph:g}/hr" if spec.budget_dph is not None else ""
@@ -529,7 +541,12 @@ class RunBook:
             }
         )
         found = await self.service.search(
-            query=spec.query, filters=filters, disk_gb=spec.disk_gb, order="dph", limit=10
+            query=spec.query,
+            filters=filters,
+            disk_gb=spec.disk_gb,
+            order="dph",
+            limit=10,
+            prefer_direct=spec.moves_data,
         )
         for row in found.offers:
             if row.offer_id in tried_offers or (row.machine_id is not None and row.machine_id in excluded_machines):
@@ -589,21 +606,34 @@ class RunBook:
         return None
 
     async def _await_ready(self, run: Run, current: _Try) -> str | None:
+        """Wait until the machine is usable. `ready_timeout_s` bounds the time without progress, not the boot: a
+        big image pulling for minutes moves its status message, and a machine that moves is not given up on
+        (up to `PULL_MAX_S` in all). Failed reads of the API are waited out, never taken as a failed machine."""
         assert current.instance_id is not None
         iid, bound = current.instance_id, run.spec.ready_timeout_s
-        deadline = time.monotonic() + bound
+        started = moved = time.monotonic()
+        give_up = started + max(bound, PULL_MAX_S)
         last: ReadyResult | None = None
+        seen: tuple[str | None, str | None] | None = None
 
         async def note(done: float, total: float | None, message: str) -> None:
             if message != run.detail:
                 run.touch(detail=message)
 
         run.touch("booting", f"instance {iid} is starting")
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := min(moved + bound, give_up) - time.monotonic()) > 0:
             try:
                 last = await self.service.wait_ready(iid, min(left, WAIT_READY_CHUNK_S), note)
+            except VastAPIError as exc:
+                if isinstance(exc, AuthError):
+                    raise
+                run.touch(detail=f"instance {iid}: Vast's API failed a read ({exc}); still watching")
+                await anyio.sleep(min(5.0, max(0.0, left)))
+                continue
             except VastMCPError as exc:
                 return f"it could not be checked while starting ({exc})"
+            if (last.status, last.status_msg) != seen:
+                seen, moved = (last.status, last.status_msg), time.monotonic()
             if last.ready:
                 if last.watchdog not in (None, "ok"):
                     warning = f"instance {iid}: {watchdog_warning(last.watchdog or '')}"
@@ -613,14 +643,17 @@ class RunBook:
                     run.touch(detail=last.summary())
                 return None
             if last.failed:
-                why = f"it stopped while starting (status {last.status}: {last.status_msg or 'no message'})"
+                why = f"it failed while starting: {last.status_msg or f'status {last.status}, no message'}"
                 return why + await self._log_note(iid, last.status_msg)
         if last is not None and last.status == "running":
             why = f"Vast reported it running, but SSH never accepted our key within {bound:g} s"
         else:
             status = last.status if last is not None and last.status else "scheduling"
             msg = f": {last.status_msg}" if last is not None and last.status_msg else ""
-            why = f"it was not ready within {bound:g} s (status {status}{msg})"
+            if time.monotonic() >= give_up:
+                why = f"it was still starting after {max(bound, PULL_MAX_S):g} s in all (status {status}{msg})"
+            else:
+                why = f"it made no progress for {bound:g} s (status {status}{msg})"
         if last is not None and last.ssh_stage:
             why += f"; last SSH failure at the {last.ssh_stage} step: {last.ssh_detail or 'no detail'}"
             if last.diagnosis:

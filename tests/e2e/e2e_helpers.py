@@ -39,6 +39,7 @@ def make_settings(server: SimServer, state_dir: Path, caps: Caps | None = None) 
         state_dir=state_dir,
         caps=caps or Caps(),
         roots=[state_dir.parent],
+        api_pacing=0.0,  # these clouds do not rate-limit; tests/integration/test_limits.py covers pacing
     )
 
 

@@ -182,6 +182,7 @@ class Run:
             caps=Caps(auto_approve_dph=100.0),
             roots=[self.tmp],
             lease_s=lease_s,
+            api_pacing=0.0,
         )
 
     @asynccontextmanager

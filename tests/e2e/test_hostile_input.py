@@ -112,7 +112,7 @@ def args_for(tool: str, iid: int) -> dict[str, Any]:
 
 async def test_unknown_and_foreign_instances_are_refused_and_left_alone(rig: Rig) -> None:
     run = rig.run
-    async with VastClient(Secret(run.api_key), run.server.url) as vast:
+    async with VastClient(Secret(run.api_key), run.server.url, limits=()) as vast:
         offers = await vast.search_offers({"rentable": {"eq": True}, "limit": 5, "order": [["dph_total", "asc"]]})
         foreign = (await vast.create_instance(offers[-1].id, image="someone/else", label="not-ours")).new_contract
     before = sorted((r["id"], r["destroyed"]) for r in await run.instances())

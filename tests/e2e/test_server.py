@@ -307,6 +307,17 @@ async def test_foreign_instances_need_the_users_say_so(settings: Settings, cloud
     assert not alive(cloud_server)
 
 
+async def _noticed(client: Client, words: str, within: float = 20.0) -> list[str]:
+    """The session's notices once one contains `words`: the server notes a destroy after confirming it, a moment
+    after the cloud shows the instance gone."""
+    with anyio.fail_after(within):
+        while True:
+            notices: list[str] = (await call(client, "list_instances", {}))["notices"]
+            if any(words in n for n in notices):
+                return notices
+            await anyio.sleep(0.2)
+
+
 async def _destroyed(cloud: SimServer, iid: int, within: float) -> None:
     with anyio.fail_after(within):
         while True:
@@ -324,8 +335,8 @@ async def test_max_runtime_is_a_ceiling_the_server_enforces(cloud_server: SimSer
         iid = created["instance_id"]
         assert created["ends_at"] is not None
         await _destroyed(cloud_server, iid, within=30)
-        listed = await call(client, "list_instances", {})
-    assert any(f"Instance {iid} was destroyed: its approved max runtime" in n for n in listed["notices"])
+        notices = await _noticed(client, f"Instance {iid} was destroyed")
+    assert any(f"Instance {iid} was destroyed: its approved max runtime" in n for n in notices)
     assert not alive(cloud_server)
 
 
@@ -340,8 +351,7 @@ async def test_session_cap_ends_kept_instances(cloud_server: SimServer, tmp_path
         await wait_until_ready(client, iid)
         await call(client, "keep_instance", {"instance_id": iid, "keep": True})
         await _destroyed(cloud_server, iid, within=120)
-        listed = await call(client, "list_instances", {})
-    notes = " ".join(listed["notices"])
+        notes = " ".join(await _noticed(client, f"Instance {iid} was destroyed"))
     assert "VAST_MCP_MAX_SESSION_USD" in notes and f"Instance {iid} was destroyed" in notes
     assert not alive(cloud_server)
 

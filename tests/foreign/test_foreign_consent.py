@@ -93,7 +93,7 @@ async def test_without_elicitation_the_agent_cannot_approve_itself(connect: Conn
 
 
 async def test_keep_and_foreign_destroy_are_not_the_agents_to_give(connect: Connect, foreign_sim: SimServer) -> None:
-    async with VastClient(Secret(foreign_sim.api_key), foreign_sim.url) as vast:
+    async with VastClient(Secret(foreign_sim.api_key), foreign_sim.url, limits=()) as vast:
         offers = await vast.search_offers({"rentable": {"eq": True}, "limit": 5, "order": [["dph_total", "desc"]]})
         foreign = (await vast.create_instance(offers[0].id, image="someone/else", label="not-ours")).new_contract
     async with connect(elicitation=None, env=PRE_APPROVED) as client:

@@ -173,10 +173,15 @@ def test_ssh_url_prints_the_direct_address(listening_sim_server: SimServer, tmp_
     iid = _create(vastai, _cheapest(vastai)["id"])
     _wait_running(vastai, iid)
     admin = {a["id"]: a for a in _admin(listening_sim_server, "GET", "/_sim/instances")["instances"]}[iid]
-    port, proxy_port = admin["ssh_port"], admin["proxy_port"]
+    port, proxy_port = admin["published_ports"]["22/tcp"], admin["proxy_port"]
     assert isinstance(port, int) and isinstance(proxy_port, int) and port != proxy_port
     result = vastai("ssh-url", str(iid))
     assert result.rc == 0 and result.stdout.strip() == f"ssh://root@127.0.0.1:{port}"
+    # The CLI caches that URL per instance; a stop and start must not move it.
+    assert vastai("stop", "instance", str(iid)).rc == 0
+    assert vastai("start", "instance", str(iid)).rc == 0
+    _wait_running(vastai, iid)
+    assert vastai("ssh-url", str(iid)).stdout.strip() == f"ssh://root@127.0.0.1:{port}"
     # The table shows ssh_host/ssh_port, which are the proxy path.
     table = vastai("show", "instance", str(iid))
     assert "127.0.0.1" in table.stdout and str(proxy_port) in table.stdout

@@ -12,6 +12,7 @@ from urllib.parse import quote_plus
 import anyio
 import httpx2
 import pytest
+from anyio.abc import SocketAttribute, SocketStream
 
 from vast_mcp.sim.api import create_app
 from vast_mcp.sim.catalog import HOURS_PER_MONTH, build_catalog, price_offer
@@ -191,7 +192,11 @@ async def test_rented_offer_leaves_search_until_destroyed(sim_client: httpx2.Asy
     created = await _create(sim_client, offer_id)
     assert offer_id not in {o["id"] for o in await _search(sim_client)}
     again = await sim_client.put(f"/api/v0/asks/{offer_id}/", json={"image": "img"})
-    assert again.status_code == 410 and again.json()["error"] == "no_such_ask"
+    # Vast's documented shape for a gone offer: 404 invalid_args, "no_such_ask" only in the message.
+    assert again.status_code == 404 and again.json()["error"] == "invalid_args"
+    assert "no_such_ask" in again.json()["msg"]
+    cancelled = await sim_client.put(f"/api/v0/asks/{offer_id}/", json={"image": "img", "cancel_unavail": True})
+    assert cancelled.status_code == 410 and cancelled.json()["error"] == "no_such_ask"
     assert (await _delete(sim_client, f"/api/v0/instances/{created['new_contract']}/")).status_code == 200
     assert offer_id in {o["id"] for o in await _search(sim_client)}
 
@@ -767,12 +772,13 @@ async def test_ssh_address_published_for_direct_and_proxy_runtypes(tmp_path: Pat
         port = backend.hosts[0].ssh_port
         proxy_port = admin[direct]["proxy_port"]
         assert port is not None and isinstance(proxy_port, int) and proxy_port != port
+        published = admin[direct]["published_ports"]["22/tcp"]
         assert row["public_ipaddr"] == "127.0.0.1"
-        assert row["ports"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]}
-        assert row["direct_port_start"] == port
+        assert row["ports"] == {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(published)}]}
+        assert row["direct_port_start"] == published and published not in (port, proxy_port)
         # ssh_host/ssh_port are always the proxy; the CLI (and ssh_address) prefer the direct path when published.
         assert (row["ssh_host"], row["ssh_port"]) == ("127.0.0.1", proxy_port)
-        assert Instance.model_validate(row).ssh_address() == ("127.0.0.1", port)
+        assert Instance.model_validate(row).ssh_address() == ("127.0.0.1", published)
         pproxy = admin[proxy]["proxy_port"]
         assert prow["ports"] == {} and prow["direct_port_start"] == -1
         # The CLI adds 1 for jupyter runtypes, so the row carries one less and ssh-url lands on the proxy port.
@@ -787,6 +793,39 @@ async def test_ssh_address_published_for_direct_and_proxy_runtypes(tmp_path: Pat
     # Leaving the cloud destroys what is left, proxies included.
     assert backend.hosts[1].destroyed
     assert await _port_closed(pproxy)
+
+
+async def test_published_ports_stay_put_across_restarts_and_honour_mappings(tmp_path: Path) -> None:
+    backend = _PortBackend()
+
+    async def greet(stream: SocketStream) -> None:
+        async with stream:
+            await stream.send(b"hello from the container\n")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    app_port = int(listener.extra(SocketAttribute.local_port))
+    async with (
+        listener,
+        anyio.create_task_group() as tg,
+        SimCloud(backend=backend, boot_delay=0.0, root_dir=tmp_path / "sim") as cloud,
+        _client(cloud) as client,
+    ):
+        tg.start_soon(listener.serve, greet)
+        iid = (await _create(client, env={f"-p 8080:{app_port}": "1"}))["new_contract"]
+        first = await _wait_status(client, iid, "running")
+        ssh = first["ports"]["22/tcp"][0]["HostPort"]
+        mapped = int(first["ports"][f"{app_port}/tcp"][0]["HostPort"])
+        assert await _first_bytes(mapped) == b"hello from the container\n"
+        host_port = backend.hosts[0].ssh_port
+        assert (await client.put(f"/api/v0/instances/{iid}/", json={"state": "stopped"})).status_code == 200
+        stopped = await _wait_status(client, iid, "stopped")
+        assert stopped["ports"] == {}  # published only while running
+        assert (await client.put(f"/api/v0/instances/{iid}/", json={"state": "running"})).status_code == 200
+        again = await _wait_status(client, iid, "running")
+        assert backend.hosts[0].ssh_port != host_port  # the host's own port moved...
+        assert again["ports"]["22/tcp"][0]["HostPort"] == ssh  # ...the published one did not
+        assert not await _port_closed(int(ssh))
+        tg.cancel_scope.cancel()
 
 
 async def test_proxy_address_is_published_from_create_and_resets_until_ssh_is_up(tmp_path: Path) -> None:

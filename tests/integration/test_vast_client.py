@@ -50,7 +50,7 @@ def transport(sim_cloud: SimCloud) -> RecordingTransport:
 
 @pytest.fixture
 async def client(sim_cloud: SimCloud, transport: RecordingTransport) -> AsyncIterator[VastClient]:
-    async with VastClient(Secret(sim_cloud.api_key), BASE, transport=transport, budget=10) as c:
+    async with VastClient(Secret(sim_cloud.api_key), BASE, transport=transport, budget=10, limits=()) as c:
         yield c
 
 
@@ -130,7 +130,7 @@ async def test_list_follows_pages_past_25(client: VastClient, transport: Recordi
 
 async def test_bad_key_is_an_auth_error_on_401_and_404(sim_cloud: SimCloud, transport: RecordingTransport) -> None:
     secret = "wrong-key-0123456789"
-    async with VastClient(Secret(secret), BASE, transport=transport) as bad:
+    async with VastClient(Secret(secret), BASE, transport=transport, limits=()) as bad:
         with pytest.raises(AuthError) as list_err:
             await bad.list_instances()
         with pytest.raises(AuthError) as show_err:
@@ -165,7 +165,7 @@ async def test_429_with_retry_after_is_waited_out(client: VastClient, sim_cloud:
 
 async def test_429_longer_than_the_budget_says_how_long(sim_cloud: SimCloud, transport: RecordingTransport) -> None:
     sim_cloud.faults.add_route("rate_limit", pattern="/api/v0/users/current", count=5, retry_after=30)
-    async with VastClient(Secret(sim_cloud.api_key), BASE, transport=transport, budget=5) as c:
+    async with VastClient(Secret(sim_cloud.api_key), BASE, transport=transport, budget=5, limits=()) as c:
         started = time.monotonic()
         with pytest.raises(RateLimitedError) as err:
             await c.current_user()

@@ -27,7 +27,7 @@ def _take(server: SimServer) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def ours(sim_server: SimServer) -> Any:
-    async with VastClient(Secret(sim_server.api_key), sim_server.url) as client:
+    async with VastClient(Secret(sim_server.api_key), sim_server.url, limits=()) as client:
         yield client
 
 

@@ -39,6 +39,7 @@ from ..framing import read_blocks
 from ..sim.hosts import BACKEND_ENV, describe_backend, select_backend
 from ..sim.server import SimServer
 from ..sim.state import SimCloud
+from ..vast.limits import VAST_LIMITS
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 BOOT_DELAY_S = 2.0  # the simulated image pull: long enough to see `loading`, short enough for a demo
@@ -363,7 +364,8 @@ async def _main(progress: Progress, results: Path, ready_s: float, faults: dict[
         job_dir = workdir / "tiny-job"
         job_dir.mkdir()
         (job_dir / "train.py").write_bytes(TRAIN_SCRIPT.read_bytes())
-        cloud = SimCloud(backend=backend, boot_delay=BOOT_DELAY_S, root_dir=workdir / "cloud")
+        # Vast's documented rate limits hold here as on the real service; the server paces itself to meet none.
+        cloud = SimCloud(backend=backend, boot_delay=BOOT_DELAY_S, root_dir=workdir / "cloud", limits=VAST_LIMITS)
         server = SimServer(cloud)
         progress.sim_log = _log_to_file(workdir / "sim.log")
         with server as sim:

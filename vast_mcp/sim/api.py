@@ -189,7 +189,7 @@ async def create_instance(call: Call) -> Response:
 
 
 async def show_instance(call: Call) -> Response:
-    inst = call.cloud.visible(call.int_param("id"))
+    inst = call.cloud.shown(call.int_param("id"))
     return JSONBody({"instances": None if inst is None else call.cloud.row(inst)})
 
 
@@ -209,6 +209,29 @@ async def change_instance(call: Call) -> Response:
     if "state" in body:
         await call.cloud.set_state(instance_id, str(body["state"]))
     return JSONBody({"success": True})
+
+
+async def change_bid(call: Call) -> Response:
+    body = call.body_dict()
+    call.cloud.change_bid(call.int_param("id"), body.get("price"))
+    return JSONBody({"success": True})
+
+
+def _not_offered(what: str) -> Handler:
+    """A route Vast has that this simulator does not carry out: answered in Vast's error envelope, saying so,
+    rather than as a path that does not exist."""
+
+    async def handler(call: Call) -> Response:
+        raise SimError(400, "invalid_request", f"{what} is not available on the simulated cloud.")
+
+    return handler
+
+
+def _empty(*keys: str) -> Handler:
+    async def handler(call: Call) -> Response:
+        return JSONBody({"success": True, **{key: [] for key in keys}})
+
+    return handler
 
 
 async def reboot_instance(call: Call) -> Response:
@@ -468,6 +491,16 @@ API_ROUTES: tuple[_Route, ...] = (
     _r("DELETE", f"/api/v0/instances/{_ID}", destroy_instance, OWN_INSTANCE),
     _r("PUT", f"/api/v0/instances/{_ID}", change_instance, USER),
     _r("PUT", f"/api/v0/instances/reboot/{_ID}", reboot_instance, USER),
+    _r("PUT", f"/api/v0/instances/bid_price/{_ID}", change_bid, USER),
+    _r("PUT", f"/api/v0/instances/command/{_ID}", _not_offered("Executing commands through the API"), USER),
+    _r("PUT", "/api/v0/commands/rsync", _not_offered("Copying between instances through the API"), USER),
+    _r("PUT", "/api/v0/launch_instance", _not_offered("Launching by search query"), USER),
+    _r("GET", "/api/v0/volumes", _empty("volumes"), USER),
+    _r("PUT", "/api/v0/volumes", _not_offered("Creating volumes"), USER),
+    _r("GET", "/api/v0/users/(?P<user>me|\\d+)/invoices", _empty("invoices"), USER),
+    _r("GET", "/api/v1/invoices", _empty("results"), USER),
+    _r("GET", "/api/v0/users/(?P<user>me|\\d+)/machine-earnings", _empty("per_day", "per_machine"), USER),
+    _r("GET", "/api/v0/charges", _empty("results"), USER),
     _r("PUT", f"/api/v0/instances/request_logs/{_ID}", request_logs, OWN_INSTANCE),
     _r("GET", f"/api/v0/instances/{_ID}/ssh", instance_keys, USER),
     _r("POST", f"/api/v0/instances/{_ID}/ssh", attach_key, USER),
@@ -525,6 +558,10 @@ def _fault_response(fault: RouteFault) -> Response:
         return _DropResponse()
     names = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
     return PlainTextResponse(f"{fault.status} {names.get(fault.status, 'Server Error')}", fault.status, headers)
+
+
+def _client_host(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def _is_loopback(request: Request) -> bool:
@@ -594,6 +631,11 @@ def create_app(cloud: SimCloud, *, log_delay: float = DEFAULT_LOG_DELAY) -> Star
         fault = None if admin else cloud.faults.take(method, path)
         if fault is not None and fault.kind != "lost_create":
             return _fault_response(fault)
+        if not admin:
+            refusal = cloud.limiter.check(_bearer(request) or _client_host(request), method, path)
+            if refusal is not None:
+                # As Vast answers it: plain text naming the threshold, and no Retry-After header.
+                return PlainTextResponse(refusal, status_code=429)
         route, params, path_known = _find(ADMIN_ROUTES if admin else API_ROUTES, method, path)
         if route is None:
             status = 405 if path_known else 404

@@ -34,21 +34,21 @@ class GpuModel:
 
 # Names and memory sizes as Vast lists them; prices in the range the market shows for verified hosts.
 GPU_MODELS: tuple[GpuModel, ...] = (
-    GpuModel("RTX 3060", 12, 86, 0.05, 0.09, 8.5, 12.7, 360.0, 170, (1, 1, 1, 2, 4)),
-    GpuModel("RTX 3080", 10, 86, 0.09, 0.14, 16.0, 29.8, 760.0, 320, (1, 2, 4)),
-    GpuModel("RTX 3090", 24, 86, 0.16, 0.26, 21.5, 35.6, 936.0, 350, (1, 1, 1, 2, 2, 4, 8)),
-    GpuModel("RTX 4080", 16, 89, 0.18, 0.27, 30.0, 48.7, 717.0, 320, (1, 1, 2)),
-    GpuModel("RTX 4090", 24, 89, 0.29, 0.48, 44.0, 82.6, 1008.0, 450, (1, 1, 1, 1, 2, 2, 4, 8)),
-    GpuModel("RTX 5090", 32, 120, 0.55, 0.85, 68.0, 104.8, 1792.0, 575, (1, 2)),
-    GpuModel("RTX A5000", 24, 86, 0.17, 0.25, 19.5, 27.8, 768.0, 230, (1, 2, 4)),
-    GpuModel("RTX A6000", 48, 86, 0.38, 0.58, 29.0, 38.7, 768.0, 300, (1, 1, 2, 4, 8)),
-    GpuModel("L40S", 48, 89, 0.68, 0.92, 49.0, 91.6, 864.0, 350, (1, 1, 2, 4, 8)),
-    GpuModel("A100 PCIE", 40, 80, 0.62, 0.85, 55.0, 19.5, 1555.0, 250, (1, 2)),
-    GpuModel("A100 SXM4", 40, 80, 0.70, 0.98, 58.0, 19.5, 1555.0, 400, (1, 8)),
-    GpuModel("A100 SXM4", 80, 80, 0.98, 1.38, 62.0, 19.5, 2039.0, 400, (1, 2, 4, 8)),
-    GpuModel("H100 PCIE", 80, 90, 1.55, 2.05, 95.0, 51.2, 2000.0, 350, (1, 2)),
-    GpuModel("H100 SXM", 80, 90, 1.85, 2.60, 118.0, 66.9, 3350.0, 700, (1, 1, 2, 4, 8)),
-    GpuModel("H200", 141, 90, 2.80, 3.60, 128.0, 66.9, 4800.0, 700, (1, 8)),
+    GpuModel("RTX 3060", 12, 860, 0.05, 0.09, 8.5, 12.7, 360.0, 170, (1, 1, 1, 2, 4)),
+    GpuModel("RTX 3080", 10, 860, 0.09, 0.14, 16.0, 29.8, 760.0, 320, (1, 2, 4)),
+    GpuModel("RTX 3090", 24, 860, 0.16, 0.26, 21.5, 35.6, 936.0, 350, (1, 1, 1, 2, 2, 4, 8)),
+    GpuModel("RTX 4080", 16, 890, 0.18, 0.27, 30.0, 48.7, 717.0, 320, (1, 1, 2)),
+    GpuModel("RTX 4090", 24, 890, 0.29, 0.48, 44.0, 82.6, 1008.0, 450, (1, 1, 1, 1, 2, 2, 4, 8)),
+    GpuModel("RTX 5090", 32, 1200, 0.55, 0.85, 68.0, 104.8, 1792.0, 575, (1, 2)),
+    GpuModel("RTX A5000", 24, 860, 0.17, 0.25, 19.5, 27.8, 768.0, 230, (1, 2, 4)),
+    GpuModel("RTX A6000", 48, 860, 0.38, 0.58, 29.0, 38.7, 768.0, 300, (1, 1, 2, 4, 8)),
+    GpuModel("L40S", 48, 890, 0.68, 0.92, 49.0, 91.6, 864.0, 350, (1, 1, 2, 4, 8)),
+    GpuModel("A100 PCIE", 40, 800, 0.62, 0.85, 55.0, 19.5, 1555.0, 250, (1, 2)),
+    GpuModel("A100 SXM4", 40, 800, 0.70, 0.98, 58.0, 19.5, 1555.0, 400, (1, 8)),
+    GpuModel("A100 SXM4", 80, 800, 0.98, 1.38, 62.0, 19.5, 2039.0, 400, (1, 2, 4, 8)),
+    GpuModel("H100 PCIE", 80, 900, 1.55, 2.05, 95.0, 51.2, 2000.0, 350, (1, 2)),
+    GpuModel("H100 SXM", 80, 900, 1.85, 2.60, 118.0, 66.9, 3350.0, 700, (1, 1, 2, 4, 8)),
+    GpuModel("H200", 141, 900, 2.80, 3.60, 128.0, 66.9, 4800.0, 700, (1, 8)),
 )
 
 # (driver, highest CUDA version it runs well): the pairs NVIDIA ships.
@@ -119,7 +119,7 @@ def _offer(rng: random.Random, offer_id: int, model: GpuModel, num_gpus: int) ->
     # Interruptible floor: hosts accept roughly half the on-demand price.
     min_bid = round(dph_base * rng.uniform(0.42, 0.6), 4)
     storage_cost = round(rng.choice((0.08, 0.1, 0.12, 0.15, 0.2)), 2)
-    driver, cuda = rng.choice(DRIVERS[2:] if model.compute_cap >= 90 else DRIVERS)
+    driver, cuda = rng.choice(DRIVERS[2:] if model.compute_cap >= 900 else DRIVERS)
     cpu_name, cpu_ghz = rng.choice(CPUS)
     cpu_cores = rng.choice((8, 16, 24, 32, 48, 64, 128)) * max(1, num_gpus // 2)
     cpu_cores_effective = float(min(cpu_cores, rng.choice((6, 8, 12, 16, 32)) * num_gpus))
@@ -129,11 +129,11 @@ def _offer(rng: random.Random, offer_id: int, model: GpuModel, num_gpus: int) ->
     inet_up = round(inet_down * rng.uniform(0.3, 1.0), 1)
     reliability = round(rng.uniform(0.85, 0.999), 4)
     geolocation = rng.choice(LOCATIONS)
-    datacenter = rng.random() < 0.35 or model.compute_cap >= 90
+    datacenter = rng.random() < 0.35 or model.compute_cap >= 900
     verification = "verified" if rng.random() < 0.9 else "unverified"
     machine_id = 10_000 + rng.randrange(0, 40_000)
     host_id = 1_000 + rng.randrange(0, 300_000)
-    pci_gen = 5.0 if model.compute_cap >= 89 and rng.random() < 0.5 else 4.0
+    pci_gen = 5.0 if model.compute_cap >= 890 and rng.random() < 0.5 else 4.0
     pcie_bw = round((25.0 if pci_gen >= 5 else 12.5) * rng.uniform(0.8, 1.0), 1)
     dlperf = round(model.dlperf * num_gpus * rng.uniform(0.9, 1.05), 2)
     total_flops = round(model.tflops * num_gpus, 2)

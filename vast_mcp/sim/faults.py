@@ -84,6 +84,8 @@ class InstanceFaults:
     bandwidth_limit: int | None = None  # bytes per second: the "slow host"
     boot_delay: float | None = None  # overrides the cloud's boot delay for this instance
     price_multiplier: float | None = None  # created at this multiple of the offer's price (see the module doc)
+    status_error: str | None = None  # after the pull, stays `loading` with this status_msg (e.g. a bad image tag)
+    intended_stop_after: float | None = None  # seconds after `running`, the intended status turns `stopped`
 
     def __post_init__(self) -> None:
         m = self.price_multiplier
@@ -121,6 +123,8 @@ class InstanceFaults:
                 continue
             if f.name == "never_boots":
                 faults.never_boots = raw == "True"
+            elif f.name == "status_error":
+                faults.status_error = raw
             elif f.name == "bandwidth_limit":
                 faults.bandwidth_limit = int(raw)
             else:

@@ -17,6 +17,7 @@ from types import TracebackType
 import anyio
 import uvicorn
 
+from ..vast.limits import scaled_limits
 from .api import create_app
 from .hosts import describe_backend, select_backend
 from .state import SimCloud
@@ -140,15 +141,24 @@ async def serve_in_background(
         sock.close()
 
 
-def main(host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> int:
+def main(
+    host: str = "127.0.0.1", port: int = 0, api_key: str | None = None, limits: float = 1.0, pull_scale: float = 0.0
+) -> int:
     """`vast-mcp sim`: serve the simulated cloud until Ctrl-C, then destroy every instance."""
     backend = select_backend()
-    cloud = SimCloud(backend=backend, api_key=api_key, boot_delay=DEFAULT_BOOT_DELAY)
+    cloud = SimCloud(
+        backend=backend,
+        api_key=api_key,
+        boot_delay=DEFAULT_BOOT_DELAY,
+        limits=scaled_limits(limits),
+        pull_scale=pull_scale,
+    )
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
     print(f"Simulated Vast cloud listening on {url}", flush=True)
     print(f"  backend:  {describe_backend(backend)}")
     print(f"  API key:  {cloud.api_key}")
+    print(f"  limits:   {'Vast per-route rate limits x' + format(limits, 'g') if limits > 0 else 'none'}")
     print(f"  offers:   {len(cloud.catalog)} (GPU models: {', '.join(cloud.gpu_names())})")
     print("Point the vastai CLI (or vast-mcp) at it:")
     print(f"  export VAST_URL={url}")

@@ -25,10 +25,13 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from ..vast.create import parse_docker_env
+from ..vast.limits import RateLimiter, RouteLimit
 from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_offer, storage_per_hour
 from .faults import FaultBook, InstanceFaults
 from .hosts import Host, HostBackend, HostSpec, StateOnlyBackend
 from .images import profile_for
+from .pulls import STEPS, pull_message, pull_seconds
 from .relay import Relay
 from .search import number
 
@@ -42,6 +45,9 @@ DEFAULT_START_TIMEOUT = 60.0
 DESTROY_TIMEOUT = 30.0
 REQUEST_LOG_MAX = 10_000
 LOG_REQUESTS_MAX = 1_000
+
+
+_SIM_TOOL_PREFIXES = ("unshare:", "setpriv:", "nsenter:")
 
 
 class SimError(Exception):
@@ -107,6 +113,7 @@ class SimInstance:
     log_path: Path
     jupyter_token: str | None
     proxy: Relay | None = None  # the proxy SSH port, for the instance's whole life; None on state-only hosts
+    published: dict[str, Relay] = field(default_factory=dict)  # "22/tcp" → the direct SSH port, and -p mappings
     price_multiplier: float = 1.0  # the price-change fault: what the host charges over the offer's price
     actual_status: str | None = "created"
     intended_status: str = "running"
@@ -175,8 +182,21 @@ class SimCloud:
         seed: int = DEFAULT_SEED,
         port_wait: float = DEFAULT_PORT_WAIT,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        limits: tuple[RouteLimit, ...] = (),
+        pull_scale: float = 0.0,
+        show_gap_s: float = 0.0,
+        team_key: bool = False,
     ) -> None:
+        """`limits`: Vast's per-route rate limits to enforce (`vast.limits.VAST_LIMITS`, or `scaled_limits(f)`);
+        none by default, so tests that do not study them stay fast. `pull_scale`: image pulls take their real
+        time (about a minute per GB) times this factor; 0 means no pull time beyond `boot_delay`. `show_gap_s`:
+        for this long after create, show instance answers `{"instances": null}`, as Vast sometimes does.
+        `team_key`: the account key is a team key, which Vast does not let register SSH keys."""
         self.backend: HostBackend = backend or StateOnlyBackend()
+        self.limiter = RateLimiter(limits)
+        self.pull_scale = pull_scale
+        self.show_gap_s = show_gap_s
+        self.team_key = team_key
         self.boot_delay = boot_delay
         self.api_key = api_key or secrets.token_hex(32)
         self.initial_credit = credit
@@ -244,6 +264,7 @@ class SimCloud:
         self._rented.clear()
         self.ssh_keys.clear()
         self.faults.clear()
+        self.limiter.reset()
         self.request_log.clear()
         self.log_requests.clear()
 
@@ -289,6 +310,8 @@ class SimCloud:
     # --- SSH keys ---------------------------------------------------------------------------------------------
 
     def add_ssh_key(self, text: str) -> SshKeyRecord:
+        if self.team_key:
+            raise SimError(400, "invalid_request", "team SSH keys are not supported")
         key = text.strip()
         if not key.startswith(("ssh-", "ecdsa-")):
             raise SimError(400, "no_ssh_key", "Invalid SSH key: expected an OpenSSH public key (ssh-... or ecdsa-...)")
@@ -319,6 +342,13 @@ class SimCloud:
         inst = self.instances.get(instance_id)
         return None if inst is None or inst.destroyed else inst
 
+    def shown(self, instance_id: int) -> SimInstance | None:
+        """What show instance sees: like `visible`, but nothing yet in the moment after create."""
+        inst = self.visible(instance_id)
+        if inst is not None and self.clock() - inst.created_at < self.show_gap_s:
+            return None
+        return inst
+
     def require(self, instance_id: int) -> SimInstance:
         inst = self.visible(instance_id)
         if inst is None:
@@ -339,11 +369,19 @@ class SimCloud:
                 f"error 404/3603: no_such_ask Instance type by id {offer_id} is not available.",
                 ask_id=offer_id,
             )
-        if offer_id in self._rented:
+        if offer_id in self._rented and body.get("cancel_unavail"):
             raise SimError(
                 410,
                 "no_such_ask",
                 f"error 410/3603: no_such_ask Instance type by id {offer_id} is no longer available.",
+                ask_id=offer_id,
+            )
+        if offer_id in self._rented:
+            # Vast's documented answer for an offer that went away: 404 with `invalid_args`, "no_such_ask" in msg.
+            raise SimError(
+                404,
+                "invalid_args",
+                f"error 404/3603: no_such_ask Instance type by id {offer_id} is not available.",
                 ask_id=offer_id,
             )
         disk = _float_arg(body.get("disk"), "disk", 10.0)
@@ -368,6 +406,7 @@ class SimCloud:
             raise SimError(400, "label_too_long", f"label is longer than {MAX_LABEL} characters", ask_id=offer_id)
         if self.balance() <= 0:
             raise SimError(402, "insufficient_credit", "Your account has no credit left.", ask_id=offer_id)
+        body = self._with_template(body)
         env = _env_arg(body.get("env"))
         runtype = str(body.get("runtype") or "ssh")
         args = [str(a) for a in body.get("args") or []]
@@ -376,17 +415,25 @@ class SimCloud:
         self._next_instance_id += 1
         self._rented[offer_id] = instance_id  # before any await: two creates must not rent one offer
         proxy: Relay | None = None
+        published: dict[str, Relay] = {}
         # State-only hosts have no SSH at all, so they get no address either.
         if not isinstance(self.backend, StateOnlyBackend):
             proxy = Relay(None)
+            # The machine's published ports, fixed for the instance's life (a restart does not move them, so the
+            # `vastai` CLI's cached ssh-url stays good): SSH, and each `-p HOST:CONTAINER` the env asked for.
+            published = {"22/tcp": Relay(None)}
+            for container_port in _port_mappings(env):
+                published[f"{container_port}/tcp"] = Relay(("127.0.0.1", container_port))
             try:
-                await proxy.open()
+                for relay in (proxy, *published.values()):
+                    await relay.open()
                 if self._tg is None:  # the cloud shut down meanwhile: nothing would ever close this port
                     raise SimError(503, "server_error", "The simulated cloud is shutting down.")
             except BaseException:
                 self._rented.pop(offer_id, None)
                 with anyio.CancelScope(shield=True):
-                    await proxy.close()
+                    for relay in (proxy, *published.values()):
+                        await relay.close()
                 raise
         api_key = secrets.token_hex(32)
         inst_dir = self.root_dir / str(instance_id)
@@ -403,7 +450,7 @@ class SimCloud:
                 "CONTAINER_ID": str(instance_id),
                 "VAST_CONTAINERLABEL": f"C.{instance_id}",
             },
-            onstart=body.get("onstart") or None,
+            onstart=body.get("onstart") or None if runtype != "args" else None,
             log_path=log_path,
             bandwidth_limit=faults.bandwidth_limit,
             extra=faults.to_extra(),
@@ -430,6 +477,7 @@ class SimCloud:
             log_path=log_path,
             jupyter_token=secrets.token_hex(16) if "jupyter" in runtype else None,
             proxy=proxy,
+            published=published,
             price_multiplier=faults.price_multiplier or 1.0,
             bill_mark=now,
         )
@@ -438,6 +486,33 @@ class SimCloud:
         await self._log(inst, f"instance {instance_id} created from offer {offer_id} ({offer['gpu_name']})")
         self._start_lifecycle(inst, first_boot=True)
         return inst
+
+    def _with_template(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The create body with its template's fields filled in: request fields that are set win (Vast's rule),
+        so a request's `onstart` replaces the template's own."""
+        out = dict(body)
+        hash_id = body.get("template_hash_id")
+        if not hash_id:
+            return out
+        template = next((t for t in self.templates if t.get("hash_id") == hash_id), None)
+        if template is None:
+            raise SimError(404, "invalid_args", f"error 404/1782: Invalid args: no template with hash {hash_id}")
+        image = template.get("image")
+        if image and template.get("tag"):
+            image = f"{image}:{template['tag']}"
+        defaults = {
+            "image": image,
+            "runtype": template.get("runtype"),
+            "onstart": template.get("onstart") or None,
+            "env": template.get("env") or None,
+            "args": template.get("args") or None,
+        }
+        for key, value in defaults.items():
+            if out.get(key) in (None, "", {}, []) and value is not None:
+                out[key] = value
+        if isinstance(body.get("env"), Mapping) and isinstance(template.get("env"), str):
+            out["env"] = {**_env_arg(template["env"]), **_env_arg(body["env"])}
+        return out
 
     def set_faults(self, instance_id: int, faults: InstanceFaults) -> SimInstance:
         """Arm faults on an existing instance; they act from its next boot (and SSH/bandwidth ones at once).
@@ -484,6 +559,22 @@ class SimCloud:
 
     async def destroy(self, instance_id: int) -> None:
         await self._destroy(self.require(instance_id))
+
+    def change_bid(self, instance_id: int, price: Any) -> None:
+        """`PUT /instances/bid_price/{id}/`: a new bid for an interruptible instance; null means "the winning bid",
+        which the simulated market sets at the offer's minimum bid."""
+        inst = self.require(instance_id)
+        if not inst.is_bid:
+            raise SimError(400, "invalid_args", f"Instance {instance_id} is on-demand; only interruptible ones bid.")
+        self._accrue(inst, self.clock())
+        bid = float(inst.offer["min_bid"]) if price is None else _float_arg(price, "price", 0.0)
+        if bid < float(inst.offer["min_bid"]):
+            raise SimError(
+                400,
+                "invalid_price",
+                f"error 400/1785: bid price {bid:g} is below the minimum {float(inst.offer['min_bid']):g}",
+            )
+        inst.bid_price = bid
 
     async def attach_key(self, instance_id: int, key: str) -> None:
         inst = self.require(instance_id)
@@ -533,7 +624,8 @@ class SimCloud:
             return None
         path = anyio.Path(inst.log_path)
         text = await path.read_text(encoding="utf-8", errors="replace") if await path.exists() else ""
-        lines = text.splitlines()
+        # The namespace tools' own complaints (`unshare: ...`) are the simulator's, not the instance's.
+        lines = [line for line in text.splitlines() if not line.startswith(_SIM_TOOL_PREFIXES)]
         if req.filter:
             lines = [line for line in lines if req.filter in line]
         if req.tail is not None:
@@ -563,8 +655,12 @@ class SimCloud:
         direct = "_direc" in inst.runtype
         ports: dict[str, list[dict[str, str]]] = {}
         if port is not None and direct:
-            ports["22/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
-        proxy_port = inst.proxy_port
+            for name, relay in inst.published.items():
+                if relay.port is not None:
+                    ports[name] = [{"HostIp": "0.0.0.0", "HostPort": str(relay.port)}]
+            if "22/tcp" in ports:
+                port = int(ports["22/tcp"][0]["HostPort"])
+        proxy_port = inst.proxy_port if inst.runtype != "args" else None
         ssh_host = None if proxy_port is None else "127.0.0.1"
         ssh_port = proxy_port
         # The CLI adds 1 to the proxy port for jupyter runtypes (Vast puts jupyter first), so report one less.
@@ -677,6 +773,7 @@ class SimCloud:
             "cost": round(inst.cost, 9),
             "ssh_port": None if inst.destroyed else inst.host.ssh_port,
             "proxy_port": inst.proxy_port,
+            "published_ports": {k: r.port for k, r in inst.published.items()},
             "price_multiplier": inst.price_multiplier,
             "alive_pids": inst.host.alive_pids(),
             "authorized_keys": len(inst.spec.authorized_keys),
@@ -746,6 +843,12 @@ class SimCloud:
         if first_boot:
             await anyio.sleep(delay * 0.2)
         await self._set_status(inst, "loading", f"Pulling image {inst.image or '(none)'}")
+        if first_boot:
+            await self._pull(inst)
+        if faults.status_error is not None:
+            # A bad tag or a refused container: Vast keeps the instance `loading` with the error as its message.
+            await self._set_status(inst, "loading", faults.status_error)
+            return
         if faults.never_boots:
             await anyio.sleep(faults.stuck_for)
             await self._set_status(
@@ -762,6 +865,11 @@ class SimCloud:
         except Exception as exc:
             await self._set_status(inst, "exited", f"host failed to start: {exc}")
             return
+        if inst.runtype == "args":
+            # The entrypoint runtype has no SSH on Vast: the container runs, nothing carries a connection to it.
+            await self._set_status(inst, "running", f"success, running {inst.image or 'image'}")
+            await self._after_boot(inst)
+            return
         # The proxy carries connections from the moment the host's SSH is up, while the status may still say
         # loading: clients probing the proxy see readiness before their next poll of the API would.
         self._route_proxy(inst)
@@ -777,8 +885,19 @@ class SimCloud:
         await self._set_status(inst, "running", f"success, running {inst.image or 'image'}")
         await self._after_boot(inst)
 
+    async def _pull(self, inst: SimInstance) -> None:
+        """The image download, with the `loading` message moving as it goes; only the first boot pulls."""
+        total = pull_seconds(inst.image, self.pull_scale)
+        if total <= 0:
+            return
+        for step in range(1, STEPS + 1):
+            await anyio.sleep(total / STEPS)
+            await self._set_status(inst, "loading", pull_message(inst.image, step / STEPS))
+
     async def _after_boot(self, inst: SimInstance) -> None:
         events: list[tuple[float, str]] = []
+        if inst.faults.intended_stop_after is not None:
+            events.append((inst.faults.intended_stop_after, "intended_stop"))
         if inst.faults.host_key_change_after is not None:
             events.append((inst.faults.host_key_change_after, "rotate"))
         if inst.faults.exit_after is not None:
@@ -787,6 +906,11 @@ class SimCloud:
         for at, what in sorted(events):
             await anyio.sleep(max(0.0, at - elapsed))
             elapsed = max(elapsed, at)
+            if what == "intended_stop":
+                # The host (or an outbid interruptible contract) stops it: Vast flips the intended status first.
+                inst.intended_status = "stopped"
+                await self._log(inst, "intended status: stopped")
+                continue
             if what == "rotate":
                 await self._bounded(inst.host.rotate_host_key())
                 await self._log(inst, "host key changed")
@@ -815,6 +939,9 @@ class SimCloud:
             if inst.proxy is not None:
                 inst.proxy.target = None
                 await self._bounded(inst.proxy.close())
+            for relay in inst.published.values():
+                relay.target = None
+                await self._bounded(relay.close())
         finally:
             try:
                 await self._bounded(inst.host.destroy())
@@ -823,14 +950,19 @@ class SimCloud:
 
     def _route_proxy(self, inst: SimInstance) -> None:
         """Point the proxy at the host's SSH port, or unset it (connections reset) while the host has none."""
+        port = inst.host.ssh_port
+        target = None if port is None else ("127.0.0.1", port)
         if inst.proxy is not None:
-            port = inst.host.ssh_port
-            inst.proxy.target = None if port is None else ("127.0.0.1", port)
+            inst.proxy.target = target
+        if "22/tcp" in inst.published:
+            inst.published["22/tcp"].target = target
 
     async def _stop_host(self, inst: SimInstance) -> None:
         # Unroute first, so no new connection is carried to a host that is going away.
         if inst.proxy is not None:
             inst.proxy.target = None
+        if "22/tcp" in inst.published:
+            inst.published["22/tcp"].target = None
         await self._bounded(inst.host.stop())
 
     async def _bounded(self, awaitable: Any) -> None:
@@ -861,6 +993,21 @@ def _float_arg(value: Any, name: str, default: float) -> float:
     return parsed
 
 
+def _port_mappings(env: Mapping[str, str]) -> list[int]:
+    """Container ports of the TCP mappings in a create's env (`{"-p 8080:8080": "1"}`, as the CLI sends them)."""
+    ports: list[int] = []
+    for key in env:
+        if not key.startswith("-p "):
+            continue
+        spec = key[3:].strip()
+        if spec.endswith("/udp"):
+            continue
+        container = spec.removesuffix("/tcp").rsplit(":", 1)[-1]
+        if container.isdigit() and 0 < int(container) < 65536 and int(container) not in ports:
+            ports.append(int(container))
+    return ports
+
+
 def _env_arg(value: Any) -> dict[str, str]:
     """The create body's `env`: the CLI sends a dict; the docs also allow a docker-flag string like `-e K=V`."""
     if value is None:
@@ -868,13 +1015,7 @@ def _env_arg(value: Any) -> dict[str, str]:
     if isinstance(value, Mapping):
         return {str(k): "" if v is None else str(v) for k, v in value.items()}
     if isinstance(value, str):
-        out: dict[str, str] = {}
-        tokens = value.split()
-        for i, token in enumerate(tokens[:-1]):
-            if token == "-e" and "=" in tokens[i + 1]:
-                k, v = tokens[i + 1].split("=", 1)
-                out[k] = v.strip("'\"")
-        return out
+        return parse_docker_env(value)  # the docker-flag string, read as the CLI reads --env
     raise SimError(400, "invalid_args", "error 400/1782: Invalid args: env must be an object")
 
 

@@ -212,7 +212,13 @@ def register(mcp: MCPServer) -> None:
             bool, Field(description="Keep the instance (still billing) for debugging if the job fails.")
         ] = False,
         ready_timeout_s: Annotated[
-            float, Field(ge=5, le=1800, description="How long one machine may take to become usable before failover.")
+            float,
+            Field(
+                ge=5,
+                le=1800,
+                description="How long one machine may go without progress while starting before failover (an image "
+                "still pulling is progress; a failed start fails over at once).",
+            ),
         ] = 300.0,
         max_tries: Annotated[
             int, Field(ge=1, le=MAX_TRIES, description="Machines to try, one after the other, if one fails to start.")
@@ -226,8 +232,8 @@ def register(mcp: MCPServer) -> None:
         at most a $/hour limit (max_dph if given, else the dearest of the few cheapest matches) for
         max_runtime_hours on up to max_tries machines. Clients without forms can run only within the user's
         configured pre-approval. Server caps always apply. Returns within
-        seconds with a run_id; the run goes on in the server: a machine that does not boot, stops, or never accepts
-        SSH within ready_timeout_s is destroyed and the next offer tried. When the job ends, results are downloaded
+        seconds with a run_id; the run goes on in the server: a machine that fails to start, stops, or makes no progress
+        towards SSH for ready_timeout_s is destroyed and the next offer tried. When the job ends, results are downloaded
         and the instance is destroyed (kept only with keep_on_failure and a failed job). The run and its instance
         end with this session. Follow it with run_status.
         """

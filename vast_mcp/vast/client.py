@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from ..errors import (
     VastAPIError,
 )
 from .create import build_create_body
+from .limits import VAST_LIMITS, RouteLimit, Window, limit_for, threshold_in
 from .models import CreatedInstance, Instance, InstancePage, Offer, SshKey, Template, User, VastModel
 
 log = logging.getLogger("vast_mcp.vast")
@@ -62,7 +64,8 @@ def _error_fields(response: httpx2.Response) -> tuple[str | None, str]:
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
-    """Seconds Vast asks us to wait: the `Retry-After` header, else a `retry_after` field in a JSON body."""
+    """Seconds Vast asks us to wait: the `Retry-After` header, a `retry_after` field in a JSON body, or the
+    threshold a 429 body names (Vast's usual answer: plain text, no header)."""
     header = response.headers.get("retry-after")
     if header is not None:
         try:
@@ -72,12 +75,86 @@ def _retry_after(response: httpx2.Response) -> float | None:
     try:
         body = response.json()
     except ValueError:
-        return None
+        body = None
     if isinstance(body, dict):
         value = body.get("retry_after")
         if isinstance(value, int | float):
             return max(0.0, float(value))
+    if response.status_code == 429:
+        return threshold_in(response.text[:500])
     return None
+
+
+PACING_MARGIN = 0.1  # share of each interval added on our side: requests reach Vast with jitter
+
+
+class Pacer:
+    """Spaces our calls per route so Vast's limits are never met: each route has a window of recent calls, and a
+    call waits its turn before it is sent. One pacer per API key (per `VastClient`)."""
+
+    def __init__(self, limits: tuple[RouteLimit, ...]) -> None:
+        self.limits = tuple(
+            RouteLimit(lim.name, lim.method, lim.pattern, lim.calls, lim.window_s * (1 + PACING_MARGIN), lim.penalty_s)
+            for lim in limits
+        )
+        self._windows: dict[str, Window] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+
+    def limit(self, method: str, path: str) -> RouteLimit | None:
+        return limit_for(self.limits, method, path)
+
+    @asynccontextmanager
+    async def slot(self, method: str, path: str, deadline: float) -> AsyncIterator[None]:
+        """Wait until a call on this route is within the limit, and hold the route while it is made; raises
+        `RateLimitedError` when the wait (queue included) would not fit before `deadline`.
+
+        A call counts from the moment its answer is back, not from when it was sent: Vast has surely received it
+        by then, so however the network delays one request and not the next, Vast never sees them closer than the
+        limit. One call per route is in flight at a time; the others queue behind it.
+        """
+        limit = self.limit(method, path)
+        if limit is None:
+            yield
+            return
+        window = self._windows.setdefault(limit.name, Window(limit))
+        lock = self._locks.setdefault(limit.name, anyio.Lock())
+        spacing = limit.window_s / limit.calls
+        acquired = False
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            await lock.acquire()
+            acquired = True
+        if not acquired:
+            raise RateLimitedError(
+                f"Too many of this session's calls are queued for Vast's {limit.name.replace('_', ' ')} route. "
+                f"Wait {spacing:.0f} s or more, then try again.",
+                retry_after=spacing,
+            )
+        try:
+            wait = window.wait(time.monotonic())
+            if wait > deadline - time.monotonic():
+                raise RateLimitedError(
+                    f"Vast allows {limit.name.replace('_', ' ')} about {limit.calls} time(s) per "
+                    f"{limit.window_s:.0f} s and this session's calls are queued. Wait {wait:.0f} s, then try again.",
+                    retry_after=wait,
+                )
+            if wait > 0:
+                await anyio.sleep(wait)
+            try:
+                yield
+            finally:
+                window.note(time.monotonic())
+        finally:
+            lock.release()
+
+    def refused(self, method: str, path: str, wait: float) -> float:
+        """Vast refused a call anyway (another client on the key, or clock skew): hold the route for the wait it
+        named, or the route's penalty, and return how long that is."""
+        limit = self.limit(method, path)
+        if limit is None:
+            return wait
+        wait = max(wait, limit.penalty_s, limit.window_s / limit.calls)
+        self._windows.setdefault(limit.name, Window(limit)).lock(time.monotonic() + wait)
+        return wait
 
 
 class VastClient:
@@ -97,11 +174,14 @@ class VastClient:
         timeout: float = 30.0,
         max_attempts: int = 4,
         budget: float = 40.0,
+        limits: tuple[RouteLimit, ...] = VAST_LIMITS,
     ) -> None:
         self._key = api_key
         self.base_url = base_url.rstrip("/")
         self.max_attempts = max(1, max_attempts)
         self.budget = budget
+        self.pacer = Pacer(limits)
+        self.calls: dict[str, int] = {}  # requests sent per route, for tests and the benchmark
         self._http = httpx2.AsyncClient(
             transport=transport,
             timeout=timeout,
@@ -156,8 +236,11 @@ class VastClient:
         delay = 0.25
         for attempt in range(1, self.max_attempts + 1):
             last = attempt == self.max_attempts
+            route = f"{method} {path.split('?', 1)[0]}"
+            self.calls[route] = self.calls.get(route, 0) + 1
             try:
-                response = await self._http.request(method, url, params=query, content=content, headers=headers)
+                async with self.pacer.slot(method, path, deadline):
+                    response = await self._http.request(method, url, params=query, content=content, headers=headers)
             except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
                 failure: VastAPIError = TransportError(
                     f"Could not reach the Vast API at {self.base_url} ({type(exc).__name__}). Check the network "
@@ -185,11 +268,15 @@ class VastClient:
                 if hinted is not None and hinted > 60:
                     raise failure  # as the CLI does: a wait this long is the caller's decision, not ours
                 wait = delay if hinted is None else hinted
+                if response.status_code == 429:
+                    wait = self.pacer.refused(method, path, wait)
             remaining = deadline - time.monotonic()
             if last or wait > remaining:
                 if isinstance(failure, RateLimitedError):
                     failure.retry_after = max(failure.retry_after, wait)
                 raise failure
+            if response_was_429(failure) and self.pacer.limit(method, path) is not None:
+                continue  # the pacer holds the route for the wait, so the next turn sleeps it
             await anyio.sleep(wait)
             delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")  # the loop always returns or raises
@@ -234,7 +321,8 @@ class VastClient:
                 retry_after=wait,
                 code=code,
             )
-        if code in ("no_such_ask",) or (status == 410 and "/asks/" in path):
+        gone_offer = "/asks/" in path and (status == 410 or "no_such_ask" in message or "no_such_ask" in str(code))
+        if code == "no_such_ask" or gone_offer:
             return OfferUnavailableError(
                 f"That offer is no longer available ({message}). Search offers again and pick another one.",
                 status=status,
@@ -384,6 +472,10 @@ class VastClient:
     async def start_instance(self, instance_id: int) -> None:
         await self.request("PUT", f"/instances/{int(instance_id)}/", body={"state": "running"})
 
+    async def change_bid(self, instance_id: int, price: float | None) -> None:
+        """New bid ($/hour per GPU) for an interruptible instance; None asks for the winning bid."""
+        await self.request("PUT", f"/instances/bid_price/{int(instance_id)}/", body={"client_id": "me", "price": price})
+
     async def stop_instance(self, instance_id: int) -> None:
         """Stop (not destroy): the disk is kept and keeps billing."""
         await self.request("PUT", f"/instances/{int(instance_id)}/", body={"state": "stopped"})
@@ -470,6 +562,21 @@ class VastClient:
         if not isinstance(rows, list):
             raise VastAPIError("The template search answered without a `templates` list. Try again.")
         return [_parse(Template, row, "template") for row in rows]
+
+    async def template(self, hash_id: str) -> Template:
+        """The template a create would use, by its hash; raises `NotFoundError` when there is none."""
+        for found in await self.search_templates({"hash_id": {"eq": hash_id}}):
+            if found.hash_id == hash_id:
+                return found
+        raise NotFoundError(
+            f"No template with hash {hash_id} is visible to this account. Check the hash (search templates), or "
+            "give an image instead.",
+            status=404,
+        )
+
+
+def response_was_429(failure: VastAPIError) -> bool:
+    return isinstance(failure, RateLimitedError) and not isinstance(failure, SearchQuotaExceededError)
 
 
 def _parse(model: type[M], row: Any, what: str) -> M:

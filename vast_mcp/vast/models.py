@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class VastModel(BaseModel):
@@ -51,12 +51,26 @@ class Offer(VastModel):
 
 
 class PortBinding(VastModel):
-    HostIp: str = "0.0.0.0"
-    HostPort: str
+    """One published port. Vast documents `HostPort` as a string of digits; some answers carry an int or null."""
+
+    HostIp: str | None = "0.0.0.0"
+    HostPort: str | int | None = None
+
+    @property
+    def port(self) -> int | None:
+        try:
+            value = int(str(self.HostPort).strip())
+        except ValueError:
+            return None
+        return value if 0 < value < 65536 else None
 
 
 DEAD_STATUSES = frozenset({"exited", "offline", "unknown"})
 """`actual_status` values of an instance that will not come back by itself: destroy it, or start it again."""
+
+
+BOOT_FAILURE_WORDS = ("error", "failed", "oci runtime", "permission denied")
+"""Words in a booting instance's `status_msg` that the `vastai` CLI takes as a failed start."""
 
 
 class Instance(VastModel):
@@ -80,22 +94,51 @@ class Instance(VastModel):
     public_ipaddr: str | None = None
     ssh_host: str | None = None
     ssh_port: int | None = None
-    ports: dict[str, list[PortBinding]] | None = None
-    extra_env: list[list[str]] = Field(default_factory=list)
+    ports: dict[str, list[PortBinding] | None] | None = None
+    extra_env: Any = None  # a list of [key, value] pairs, or (as some answers have it) a dict; never validated
+    template_hash_id: str | None = None
     geolocation: str | None = None
     reliability2: float | None = None
+
+    @field_validator("ssh_port", mode="before")
+    @classmethod
+    def _port_or_none(cls, value: Any) -> Any:
+        """A port Vast sends as a string, an empty string or garbage reads as a number or as no port."""
+        if value in (None, ""):
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
 
     @property
     def is_dead(self) -> bool:
         """It cannot run anything now (failed, or stopped): the one test every caller uses."""
         return self.actual_status in DEAD_STATUSES or self.actual_status == "stopped"
 
+    def boot_problem(self) -> str | None:
+        """Why this instance will not finish starting, in plain words, or None while it still may.
+
+        The `vastai` CLI's own rules (`wait_for_instance`): a dead status, an intended status of stopped or exited
+        (the host or the market is stopping it), or a status message that names a failure while it is not
+        running (a bad image tag, a refused container).
+        """
+        msg = (self.status_msg or "").strip()
+        if self.actual_status in DEAD_STATUSES or self.actual_status == "stopped":
+            return f"it is {self.actual_status} ({msg or 'Vast gave no message'})"
+        if self.intended_status in ("stopped", "exited"):
+            return f"Vast is stopping it (its intended status is {self.intended_status}; {msg or 'no message'})"
+        if self.actual_status != "running" and any(word in msg.lower() for word in BOOT_FAILURE_WORDS):
+            return f"it failed to start: {msg}"
+        return None
+
     def direct_ssh(self) -> tuple[str, int] | None:
         """`(host, port)` of the direct SSH path, when the instance has one."""
         bindings = (self.ports or {}).get("22/tcp")
         if not bindings or not self.public_ipaddr:
             return None
-        return self.public_ipaddr.strip(), int(bindings[0].HostPort)
+        port = bindings[0].port
+        return None if port is None else (self.public_ipaddr.strip(), port)
 
     def proxy_ssh(self) -> tuple[str, int] | None:
         """`(host, port)` of the proxy SSH path (Vast's `sshN.vast.ai` relays), assigned at creation.
@@ -158,3 +201,10 @@ class Template(VastModel):
     image: str | None = None
     tag: str | None = None
     recommended_disk_space: float | None = None
+    runtype: str | None = None
+    onstart: str | None = None
+
+    @property
+    def has_ssh(self) -> bool:
+        """Whether instances from it get SSH: the `args` (entrypoint) runtype has none on Vast."""
+        return "args" not in (self.runtype or "").split()
