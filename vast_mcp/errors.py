@@ -6,6 +6,8 @@ Every message says what happened and what to do next, because these messages rea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class VastMCPError(Exception):
     """Base of every error this package raises on purpose."""
@@ -163,3 +165,12 @@ class UnsafeArchiveError(TransferError):
     def __init__(self, message: str, *, refused: list[str] | None = None) -> None:
         super().__init__(message)
         self.refused = refused or []
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc`, depth first: itself, or every leaf of a (nested) task group's exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc

@@ -36,6 +36,7 @@ from .errors import (
     TransferError,
     VastAPIError,
     VastMCPError,
+    leaves,
 )
 from .framing import DATA_BUDGET, name_list, shown_size
 from .ledger import Ledger, LedgerInstance, Session, account_scope, ledger_path
@@ -681,12 +682,9 @@ class Service:
         except ExceptionGroup as group:
             # The task group wraps what its tasks raise (an API error mid-storm, a changed host key, a vanished
             # instance); a group reaches the agent as an opaque failure, so the first error of ours goes as itself.
-            ours = group.subgroup(VastMCPError)
-            if ours is None:
+            first = next((e for e in leaves(group) if isinstance(e, VastMCPError)), None)
+            if first is None:
                 raise
-            first: BaseException = ours
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
             raise first from None
         if outcome:
             return outcome[0]

@@ -22,7 +22,6 @@ import tempfile
 import textwrap
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,6 +34,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, ElicitResult
 
 from ..errors import VastMCPError
+from ..errors import leaves as exception_leaves
 from ..framing import read_blocks
 from ..sim.hosts import BACKEND_ENV, describe_backend, select_backend
 from ..sim.server import SimServer
@@ -453,17 +453,9 @@ def _short(text: str, limit: int = 300) -> str:
     return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def _explain(exc: BaseException, progress: Progress, results: Path) -> DemoError:
     """The one paragraph a failure ends with: what failed, the likely cause, what to try."""
-    leaves = list(_leaves(exc))
+    leaves = list(exception_leaves(exc))
     for leaf in leaves:
         if isinstance(leaf, DemoError):
             return leaf

@@ -8,12 +8,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import asyncssh
 
-from ..errors import HostKeyChangedError, RemoteCommandError, SSHUnavailableError, VastMCPError
+from ..errors import HostKeyChangedError, RemoteCommandError, SSHUnavailableError, VastMCPError, leaves
 from .hostkeys import HostKeyStore, PinnedKey, fingerprint, key_line
 from .keys import ClientKey
 from .output import CappedBuffer
@@ -52,14 +52,6 @@ _DROPPED = (
 _TRANSPORT = (asyncssh.Error, OSError, EOFError)
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 def _dropped(target: SSHTarget, what: str, exc: BaseException) -> SSHUnavailableError:
     why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return SSHUnavailableError(
@@ -76,25 +68,30 @@ TRANSPORT_OR_GROUP = (*_TRANSPORT, BaseExceptionGroup)
 def split_failure(exc: BaseException) -> tuple[VastMCPError | None, BaseException | None]:
     """(our own error, a transport failure) found in `exc` or, for a task group's, in its leaves. Our own error
     says more, so callers raise it when there is one."""
-    leaves = list(_leaves(exc))
-    ours = next((e for e in leaves if isinstance(e, VastMCPError)), None)
-    lost = next((e for e in leaves if isinstance(e, _TRANSPORT)), None)
+    found = list(leaves(exc))
+    ours = next((e for e in found if isinstance(e, VastMCPError)), None)
+    lost = next((e for e in found if isinstance(e, _TRANSPORT)), None)
     return ours, lost
+
+
+def raise_as_ours(exc: BaseException, lost_as: Callable[[BaseException], VastMCPError]) -> NoReturn:
+    """Re-raise `exc`, caught as one of `TRANSPORT_OR_GROUP`, as an error of our own hierarchy: our own error found
+    inside it, else `lost_as(the transport failure)`; a group of anything else (cancellation) goes on unchanged."""
+    ours, lost = split_failure(exc)
+    if ours is not None:
+        raise ours from None
+    if lost is None:
+        raise exc
+    raise lost_as(lost) from None
 
 
 @contextmanager
 def remote_errors(target: SSHTarget, what: str) -> Iterator[None]:
-    """Exceptions of asyncssh and the OS, bare or inside task groups, as errors of our own hierarchy; a group
-    of anything else (cancellation) goes on unchanged."""
+    """Exceptions of asyncssh and the OS, bare or inside task groups, as errors of our own hierarchy."""
     try:
         yield
     except TRANSPORT_OR_GROUP as exc:
-        ours, lost = split_failure(exc)
-        if ours is not None:
-            raise ours from None
-        if lost is None:
-            raise
-        raise _dropped(target, what, lost) from None
+        raise_as_ours(exc, lambda lost: _dropped(target, what, lost))
 
 
 @dataclass(frozen=True)
@@ -461,20 +458,18 @@ class RemoteHost:
                     timed_out = False
             except TRANSPORT_OR_GROUP as exc:
                 # The pumps run in a task group: a connection lost under them arrives as a group.
-                ours, lost = split_failure(exc)
-                if ours is not None:
-                    raise ours from None
-                if lost is None:
-                    raise
-                self._lost = True
-                raise SSHUnavailableError(
-                    f"The SSH connection to instance {self.target.name} ({self.target.address}) was lost while "
-                    f"{what or f'`{_short(command)}` ran'} ({type(lost).__name__}: {lost}); it may or may not have "
-                    "finished. "
-                    "If the instance stopped or was destroyed, list_instances says so; otherwise check the "
-                    "command's effects before running it again.",
-                    stage="ssh",
-                ) from None
+
+                def lost_while_running(lost: BaseException) -> VastMCPError:
+                    self._lost = True
+                    return SSHUnavailableError(
+                        f"The SSH connection to instance {self.target.name} ({self.target.address}) was lost while "
+                        f"{what or f'`{_short(command)}` ran'} ({type(lost).__name__}: {lost}); it may or may not "
+                        "have finished. If the instance stopped or was destroyed, list_instances says so; otherwise "
+                        "check the command's effects before running it again.",
+                        stage="ssh",
+                    )
+
+                raise_as_ours(exc, lost_while_running)
             finally:
                 if timed_out:
                     proc.close()

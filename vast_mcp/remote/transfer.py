@@ -37,7 +37,7 @@ from .archive import (
     tar_chunks,
 )
 from .blocking import in_thread
-from .connect import BULK_WINDOW, TRANSPORT_OR_GROUP, RemoteHost, remote_errors, split_failure
+from .connect import BULK_WINDOW, TRANSPORT_OR_GROUP, RemoteHost, raise_as_ours, remote_errors
 from .words import glob_word as glob_word
 from .words import remote_path_word as remote_path_word
 
@@ -400,15 +400,13 @@ async def _send_lane_on(
             proc.stdin.write_eof()
             await proc.wait()
     except TRANSPORT_OR_GROUP as exc:
-        ours, lost = split_failure(exc)
-        if ours is not None:
-            raise ours from None
-        if lost is None:
-            raise
-        raise TransferError(
-            f"The upload to {remote_dir} was cut off ({type(lost).__name__}: {lost}). Run it again: only what is "
-            "missing or different is sent."
-        ) from None
+        raise_as_ours(
+            exc,
+            lambda lost: TransferError(
+                f"The upload to {remote_dir} was cut off ({type(lost).__name__}: {lost}). Run it again: only what "
+                "is missing or different is sent."
+            ),
+        )
     finally:
         proc.close()
     lane.seconds = time.monotonic() - started
@@ -641,12 +639,10 @@ async def _download(
                 await proc.wait()
             exit_status = proc.exit_status
     except TRANSPORT_OR_GROUP as exc:
-        ours, lost = split_failure(exc)
-        if ours is not None:
-            raise ours from None
-        if lost is None:
-            raise
-        raise TransferError(f"The download was cut off ({type(lost).__name__}: {lost}). Download again.") from None
+        raise_as_ours(
+            exc,
+            lambda lost: TransferError(f"The download was cut off ({type(lost).__name__}: {lost}). Download again."),
+        )
     files_hashes: dict[str, str] = report.get("hashes", {})
     refused: list[str] = report.get("refused", [])
     if report.get("error"):

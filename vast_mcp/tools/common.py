@@ -18,7 +18,7 @@ from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
 from ..approval import YesNo
-from ..errors import VastMCPError
+from ..errors import VastMCPError, leaves
 from ..framing import RESULT_CAP, json_size, visible, visible_tree
 from ..redact import mask_everywhere
 from ..service import Progress, Service
@@ -193,16 +193,7 @@ def agent_errors() -> Iterator[None]:
 def first_actionable(group: BaseExceptionGroup[Any]) -> BaseException | None:
     """The first error in `group` (depth first) that tells the agent something: one of ours, a rejected value,
     else any `Exception` (its message is still better than the group's). Cancellations are not errors."""
-    found: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            found.append(exc)
-
-    walk(group)
+    found = list(leaves(group))
     for kinds in ((ToolError, VastMCPError), (ValidationError, ValueError), (Exception,)):
         for exc in found:
             if isinstance(exc, kinds):
