@@ -84,3 +84,15 @@ async def call(client: Client, tool: str, args: dict[str, Any], **kw: Any) -> di
     assert not result.is_error, text(result)
     assert result.structured_content is not None
     return {**result.structured_content, "shown": read_blocks(text(result))}
+
+
+def arm_fault(server: SimServer, route: str, fault: dict[str, Any]) -> None:
+    """Arm a simulated-cloud fault through its admin route (`next_instance` or `route`)."""
+    request = urllib.request.Request(
+        f"{server.url}/_sim/faults/{route}",
+        data=json.dumps(fault).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.load(answer)["success"]

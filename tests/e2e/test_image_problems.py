@@ -4,13 +4,11 @@ list_instances and run_job, before any job starts."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import alive, answering, call, text
+from e2e_helpers import alive, answering, arm_fault, call, text
 from mcp import Client
 
 from vast_mcp.config import Settings
@@ -34,14 +32,7 @@ async def rent(client: Client, image: str) -> int:
 
 
 def arm_next_instance(server: SimServer, fault: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        f"{server.url}/_sim/faults/next_instance",
-        data=json.dumps(fault).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert json.load(answer)["success"]
+    arm_fault(server, "next_instance", fault)
 
 
 async def test_not_ready_names_the_ssh_step_and_what_a_repeat_means(

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from e2e_helpers import ERA_BACKENDS, alive, answering, call, make_settings, sim_instances, text
+from e2e_helpers import ERA_BACKENDS, alive, answering, arm_fault, call, make_settings, sim_instances, text
 from mcp import Client
 
 from vast_mcp.config import Settings
@@ -77,26 +76,12 @@ async def follow(client: Client, run_id: str, progress: list[str] | None = None)
 
 
 def arm_route_fault(server: SimServer, fault: dict[str, Any]) -> None:
-    request = urllib.request.Request(
-        f"{server.url}/_sim/faults/route",
-        data=json.dumps(fault).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert json.load(answer)["success"]
+    arm_fault(server, "route", fault)
 
 
 def arm_next_instances(server: SimServer, *faults: dict[str, Any]) -> None:
     for fault in faults:
-        request = urllib.request.Request(
-            f"{server.url}/_sim/faults/next_instance",
-            data=json.dumps(fault).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert json.load(answer)["success"]
+        arm_fault(server, "next_instance", fault)
 
 
 async def settled(server: SimServer) -> list[dict[str, Any]]:
