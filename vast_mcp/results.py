@@ -40,16 +40,13 @@ class OffersResult(BaseModel):
                 "No offer matches. Loosen the filters (GPU model, VRAM, price, reliability, countries) and search "
                 "again."
             )
-        lines = [f"{len(self.offers)} offer(s), prices include {self.disk_gb:g} GB disk:"]
-        lines.append("rank offer_id  gpu                         $/hr    rel   location            cuda")
+        # Numbers first, free text (GPU, location) last: one space between columns is enough to read them.
+        lines = [f"$/hr with {self.disk_gb:g} GB disk. offer_id $/hr reliability cuda gpu, location:"]
         for o in self.offers:
-            rel = f"{o.reliability:.3f}" if o.reliability is not None else "  -  "
+            rel = f"{o.reliability:.3f}" if o.reliability is not None else "-"
             cuda = f"{o.cuda:g}" if o.cuda is not None else "-"
-            lines.append(
-                f"{o.rank:>4} {o.offer_id:<9} {o.gpu[:27]:<27} {o.dph:>6.3f}  {rel}  {(o.location or '-')[:18]:<18}  "
-                f"{cuda}"
-            )
-        lines.append("Next: pick one and call create_instance with its offer_id (the user approves the price).")
+            lines.append(f"{o.offer_id} {o.dph:.3f} {rel} {cuda} {o.gpu[:40]}, {(o.location or '-')[:30]}")
+        lines.append("Next: create_instance with an offer_id (the user approves the price).")
         return "\n".join(lines)
 
 
@@ -75,6 +72,7 @@ class CreateResult(BaseModel):
     approved_by: Literal["user", "auto_approve", "agent"] | None = None
     ends_at: float | None = Field(default=None, description="Unix time the instance is destroyed (max runtime).")
     message: str | None = None
+    ready: ReadyResult | None = Field(default=None, description="How waiting for it went; None when not waited.")
 
     def summary(self) -> str:
         q = self.quote
@@ -86,11 +84,13 @@ class CreateResult(BaseModel):
             )
         if self.status == "declined":
             return self.message or "Declined; nothing was created and nothing is billed."
-        return (
-            f"Created instance {self.instance_id} ({q.gpu}, ${q.dph:.3f}/hr, approved by {self.approved_by}). "
-            f"It bills until destroyed, and is destroyed at its max runtime ({q.max_runtime_hours:g} h). "
-            f"Next: call wait_ready with instance_id={self.instance_id}."
+        rented = (
+            f"Rented instance {self.instance_id} ({q.gpu}, ${q.dph:.3f}/hr, approved by {self.approved_by}); it "
+            f"bills until destroyed, at the latest after {q.max_runtime_hours:g} h."
         )
+        if self.ready is not None:
+            return f"{rented}\n{self.ready.summary()}"
+        return f"{rented} {self.message or 'Next: wait_ready.'}"
 
 
 class ReadyResult(BaseModel):
@@ -121,10 +121,7 @@ class ReadyResult(BaseModel):
             gpus = ", ".join(self.gpus) if self.gpus else "no GPU visible (nvidia-smi absent)"
             disk = f", {self.disk_free_gb:.0f} GB free" if self.disk_free_gb is not None else ""
             py = f", Python {self.python}" if self.python else ", no Python"
-            text = (
-                f"Instance {self.instance_id} is ready over SSH ({self.ssh}) after {self.waited_s:.1f} s: {gpus}"
-                f"{disk}{py}. Next: upload files, then exec_background."
-            )
+            text = f"Ready after {self.waited_s:.1f} s: {gpus}{disk}{py}. Next: upload, then exec_background."
             if self.watchdog not in (None, "ok"):
                 text += f"\nWARNING: {watchdog_warning(self.watchdog or '')}"
             return text
@@ -144,6 +141,9 @@ class ReadyResult(BaseModel):
         if self.diagnosis:
             return f"{text} {self.diagnosis}"
         return f"{text} Call wait_ready again to keep waiting."
+
+
+CreateResult.model_rebuild()  # its `ready` field names ReadyResult, defined after it
 
 
 def watchdog_warning(problem: str) -> str:
@@ -198,10 +198,7 @@ class JobView(BaseModel):
 
     def summary(self) -> str:
         if self.state == "running":
-            return (
-                f"Job {self.job_id} is running on instance {self.instance_id} (pid {self.pid}). Next: tail_log "
-                f"with job_id='{self.job_id}' and cursor=0."
-            )
+            return f"Job {self.job_id} running (pid {self.pid}). Next: tail_log."
         code = f" with code {self.exit_code}" if self.exit_code is not None else ""
         return f"Job {self.job_id} on instance {self.instance_id} has {self.state}{code}."
 
@@ -229,22 +226,19 @@ class LogResult(BaseModel):
         return self._text
 
     def summary(self) -> str:
+        """The state, the new log, and a cursor only when there is more to read: nothing the call already had."""
         if self.state == "running":
-            head = f"Job {self.job_id} running"
+            head = "Running"
         else:
             code = f" with code {self.exit_code}" if self.exit_code is not None else ""
-            head = f"Job {self.job_id} {self.state}{code}"
-        more = " More output is waiting: call again at once." if self.more else ""
+            head = f"{self.state.capitalize()}{code}"
+        more = f"\nMore is waiting: call again with cursor={self.next_cursor}." if self.more else ""
+        if self.state == "running" and not self.more:
+            more = f"\nNext cursor: {self.next_cursor}."
         if not self._text:
-            return (
-                f"{head}. No new output (log bytes {self.cursor}-{self.next_cursor})."
-                f"\nnext cursor: {self.next_cursor}.{more}"
-            )
+            return f"{head}. No new output.{more}"
         frame = Frame(self._text)
-        return (
-            f"{head}. Log bytes {self.cursor}-{self.next_cursor}:\n{frame.block('log', self._text)}\n"
-            f"next cursor: {self.next_cursor}.{more}"
-        )
+        return f"{head}. Log bytes {self.cursor}-{self.next_cursor}:\n{frame.block('log', self._text)}{more}"
 
 
 class InstanceRow(BaseModel):
@@ -296,7 +290,7 @@ class DestroyResult(BaseModel):
 
     def summary(self) -> str:
         cost = f" It cost about ${self.accrued_usd:.3f}." if self.accrued_usd is not None else ""
-        return f"Instance {self.instance_id} is destroyed (confirmed by reading it back); billing stopped.{cost}"
+        return f"Instance {self.instance_id} destroyed (confirmed); billing stopped.{cost}"
 
 
 class CommandResult(BaseModel):

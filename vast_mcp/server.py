@@ -19,6 +19,7 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, InputRequiredResult
+from mcp.types import Tool as MCPTool
 from pydantic import Field, ValidationError
 
 from . import __version__
@@ -30,6 +31,8 @@ from .redact import mask_everywhere
 from .sessions import STDIO_KEY, Sessions
 from .tools import instances, runs, work
 from .tools.common import ANSWER_BOUND, AnswerBound, AppState, agent_error, first_actionable
+from .tools.run_args import fold_flat_run_args
+from .tools.schema import published
 
 log = logging.getLogger("vast_mcp.server")
 
@@ -61,6 +64,9 @@ class VastServer(MCPServer):
 
     answer_wait_s = 600.0  # a question unanswered this long counts as a no (set to the quotes' lifetime)
 
+    async def list_tools(self) -> list[MCPTool]:
+        return [published(t) for t in await super().list_tools()]
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
@@ -76,6 +82,8 @@ class VastServer(MCPServer):
         with anyio.CancelScope() as scope:  # its deadline is set only while a question awaits the user's answer
             token = ANSWER_BOUND.set(AnswerBound(scope, self.answer_wait_s))
             try:
+                if name == "run_job":
+                    arguments = fold_flat_run_args(arguments)
                 return await super().call_tool(name, arguments, context)
             except UnexpectedToolError as exc:
                 raise _crash_words(name, exc) from exc.__cause__

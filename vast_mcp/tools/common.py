@@ -48,44 +48,32 @@ class AppState:
     http: bool
 
 
-InstanceId = Annotated[int, Field(ge=1, le=2**53, description="Vast instance id (from create_instance).")]
-
-
-# Parameters several tools share, described once.
-GpuName = Annotated[
-    str | None, Field(max_length=64, description="GPU model, e.g. 'RTX 4090', 'A100 SXM4', 'H100 SXM'; any if omitted.")
-]
-NumGpus = Annotated[int | None, Field(ge=1, le=16, description="Exact number of GPUs.")]
-MinGpuRamGb = Annotated[float | None, Field(ge=0, le=1024, description="Minimum VRAM per GPU, GB.")]
-MinReliability = Annotated[float, Field(ge=0, le=1, description="Minimum host reliability, 0 to 1.")]
-Countries = Annotated[
-    list[str] | None, Field(max_length=50, description="Two-letter country codes to allow, e.g. ['US','CA'].")
-]
+# Parameters several tools share, described once and in the same words everywhere. A name that says it all
+# (instance_id, job_id) gets no description: every tool definition is paid for in every conversation.
+InstanceId = Annotated[int, Field(ge=1, le=2**53)]
+GpuName = Annotated[str | None, Field(max_length=64, description="GPU model, e.g. 'RTX 4090', 'H100 SXM'.")]
+NumGpus = Annotated[int | None, Field(ge=1, le=16, description="Exact GPU count.")]
+MinGpuRamGb = Annotated[float | None, Field(ge=0, le=1024, description="Min VRAM per GPU, GB.")]
+MinReliability = Annotated[float, Field(ge=0, le=1, description="Min host reliability, 0-1.")]
+Countries = Annotated[list[str] | None, Field(max_length=50, description="Country codes, e.g. ['US','CA'].")]
 OfferQuery = Annotated[
-    str,
-    Field(
-        max_length=2000,
-        description="Extra offer filters in `vastai search offers` syntax, e.g. 'cuda_vers>=12.4 inet_down>500'.",
-    ),
+    str, Field(max_length=2000, description="More filters, `vastai search offers` syntax: 'cuda_vers>=12.4'.")
 ]
-DiskGb = Annotated[float, Field(ge=1, le=4096, description="Disk to rent, GB; prices include it. Default 32.")]
-TemplateHash = Annotated[str | None, Field(max_length=64, description="A Vast template hash instead of an image.")]
-EnvVars = Annotated[
-    dict[str, str] | None, Field(description="Environment variables (not for secrets: they may be shown).")
+DiskGb = Annotated[float, Field(ge=1, le=4096, description="Disk to rent, GB; prices include it.")]
+MaxRuntimeHours = Annotated[
+    float, Field(gt=0, le=720, description="Destroyed after this long; the user approves the cost.")
 ]
+TemplateHash = Annotated[str | None, Field(max_length=64, description="Vast template hash instead of image.")]
+EnvVars = Annotated[dict[str, str] | None, Field(description="Environment variables (shown: no secrets).")]
 SecretVars = Annotated[
-    dict[str, str] | None,
-    Field(description="Secret environment variables (e.g. HF_TOKEN): given to the job only, never echoed."),
+    dict[str, str] | None, Field(description="Secret environment variables (HF_TOKEN...): never shown.")
 ]
 QuoteId = Annotated[
-    str | None,
-    Field(max_length=64, description="Only after an 'approval_required' answer: the quote id the user approved."),
+    str | None, Field(max_length=64, description="Only after approval_required, once the user said yes.")
 ]
-JobId = Annotated[str, Field(min_length=1, max_length=64, description="job_id from exec_background.")]
-Excludes = Annotated[
-    list[str] | None,
-    Field(max_length=200, description=".gitignore-style patterns to skip, e.g. ['*.pyc', '.venv/', 'data/']."),
-]
+JobId = Annotated[str, Field(min_length=1, max_length=64)]
+Excludes = Annotated[list[str] | None, Field(max_length=200, description=".gitignore-style patterns to skip.")]
+WaitS = Annotated[float, Field(ge=0, le=40, description="Wait up to this long for the end (0: answer at once).")]
 
 
 F = TypeVar("F", bound=Callable[..., Any])

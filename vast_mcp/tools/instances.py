@@ -24,7 +24,7 @@ from ..results import (
     OffersResult,
     ReadyResult,
 )
-from ..service import CreateRequest, quote_view
+from ..service import CreateRequest, Service, quote_view
 from ..vast.query import OfferFilters
 from .common import (
     MAX_CALL_S,
@@ -34,6 +34,7 @@ from .common import (
     EnvVars,
     GpuName,
     InstanceId,
+    MaxRuntimeHours,
     MinGpuRamGb,
     MinReliability,
     NumGpus,
@@ -49,6 +50,8 @@ from .common import (
     tool,
     tool_result,
 )
+
+MIN_READY_WAIT_S = 1.0  # less room than this left after renting: the answer says to call wait_ready instead
 
 
 def _request(
@@ -161,23 +164,16 @@ def register(mcp: MCPServer) -> None:
         gpu_name: GpuName = None,
         num_gpus: NumGpus = None,
         min_gpu_ram_gb: MinGpuRamGb = None,
-        max_dph: Annotated[
-            float | None, Field(gt=0, le=1000, description="Highest price in $/hour (disk included).")
-        ] = None,
+        max_dph: Annotated[float | None, Field(gt=0, le=1000, description="Max $/hour with disk.")] = None,
         min_reliability: MinReliability = 0.95,
         countries: Countries = None,
         query: OfferQuery = "",
         disk_gb: DiskGb = 32.0,
-        order: Annotated[
-            str, Field(max_length=200, description="Sort fields, '-' for descending: 'dph' (cheapest first).")
-        ] = "dph",
-        limit: Annotated[int, Field(ge=1, le=50, description="How many offers to return (best first).")] = 5,
+        order: Annotated[str, Field(max_length=200, description="Sort fields, '-' for descending.")] = "dph",
+        limit: Annotated[int, Field(ge=1, le=50)] = 5,
     ) -> Annotated[CallToolResult, OffersResult]:
-        """Find rentable GPU machines on Vast.ai and their prices. Read-only and free: nothing is rented.
-
-        Returns a ranked table: offer_id, GPU, $/hour with the requested disk priced in, reliability, location.
-        Verified machines only unless the query says `verified=any`. Pass an offer_id to create_instance.
-        """
+        """Find rentable GPU machines, cheapest first; free, rents nothing. Rows: offer_id, GPU, $/hour with
+        disk_gb priced in, reliability, location, CUDA. Verified hosts only unless query has verified=any."""
         with agent_errors():
             filters = OfferFilters(
                 gpu_name=gpu_name,
@@ -196,30 +192,22 @@ def register(mcp: MCPServer) -> None:
         ctx: Context[AppState, Any],
         pricing: Annotated[_Pricing, Resolve(_price)],
         approval: Annotated[ElicitationResult[YesNo], Resolve(_ask_rent)],
-        offer_id: Annotated[int, Field(ge=1, description="offer_id from search_offers.")],
-        max_runtime_hours: Annotated[
-            float,
-            Field(gt=0, le=720, description="The instance is destroyed after this long; the user approves its cost."),
-        ],
-        image: Annotated[
-            str | None, Field(max_length=300, description="Docker image, e.g. 'pytorch/pytorch:latest'.")
-        ] = None,
+        offer_id: Annotated[int, Field(ge=1)],
+        max_runtime_hours: MaxRuntimeHours,
+        image: Annotated[str | None, Field(max_length=300, description="Docker image, e.g. 'pytorch/pytorch'.")] = None,
         template_hash: TemplateHash = None,
         disk_gb: DiskGb = 32.0,
         onstart: Annotated[
-            str | None, Field(max_length=4000, description="Shell commands run once at boot (setup, not the job).")
+            str | None, Field(max_length=4000, description="Shell commands run once at boot (not the job).")
         ] = None,
         env: EnvVars = None,
+        wait_s: Annotated[
+            float, Field(ge=0, le=40, description="Then wait up to this long for it to be ready, as wait_ready.")
+        ] = 40.0,
         quote_id: QuoteId = None,
     ) -> Annotated[CallToolResult, CreateResult]:
-        """Rent a GPU instance from an offer. COSTS MONEY from creation until destroy (about $/hour × hours).
-
-        The user approves the price in a form the client shows them (GPU, $/hour with disk, max runtime and total,
-        image, onstart, env, transfer prices); only their yes rents. Clients without forms can rent only within
-        the user's configured pre-approval. The instance is destroyed at max_runtime_hours, and when this session
-        ends unless the user agreed to keep it. Server caps on $/hour, session spend and instance count apply.
-        Next step: wait_ready.
-        """
+        """Rent an offer. COSTS MONEY until destroyed. The user approves the quote in a form; the instance is
+        destroyed at max_runtime_hours and when this session ends unless kept. Not ready yet: call wait_ready."""
         answered()
         with agent_errors():
             if pricing.error is not None:
@@ -247,8 +235,12 @@ def register(mcp: MCPServer) -> None:
                     pending = CreateResult(status="approval_required", quote=quote_view(decision.quote, with_id=True))
                     return tool_result(pending, pending.summary())
                 grant = decision
+            started = anyio.current_time()
             with anyio.fail_after(MAX_CALL_S):
                 result = await service.create(pricing.request, grant, progress_of(ctx))
+            room = min(wait_s, MAX_CALL_S - (anyio.current_time() - started))
+            if result.instance_id is not None and room >= MIN_READY_WAIT_S:
+                result = await _then_wait(service, result, result.instance_id, room, ctx)
         return tool_result(result, result.summary())
 
     @tool(mcp, "Wait until the instance is usable", read_only=True, destructive=False, idempotent=True, open_world=True)
@@ -257,14 +249,8 @@ def register(mcp: MCPServer) -> None:
         instance_id: InstanceId,
         timeout_s: Annotated[float, Field(ge=1, le=MAX_CALL_S, description="Longest this call waits.")] = 40.0,
     ) -> Annotated[CallToolResult, ReadyResult]:
-        """Wait until an instance is really usable: Vast says running, SSH accepts our key and a command runs.
-
-        Waits at most timeout_s (≤ 45) and reports progress; if it is not ready yet, call again (the instance keeps
-        booting). Reports the GPUs (nvidia-smi), free disk and Python version, and warns when the image cannot run
-        the dead-man's switch. Not ready: names the SSH step that failed and why, and what a repeated failure
-        probably means. failed=true means the instance cannot recover (exited/offline): destroy it and pick
-        another offer.
-        """
+        """Wait until SSH logs in and a command runs; reports GPUs, free disk, Python. Not ready yet: call again
+        (it keeps booting); the answer names the failing SSH step. failed=true: destroy it, pick another offer."""
         with agent_errors():
             result = await (await service_of(ctx)).wait_ready(instance_id, timeout_s, progress_of(ctx))
         return tool_result(result, result.summary())
@@ -275,11 +261,8 @@ def register(mcp: MCPServer) -> None:
         answer: Annotated[ElicitationResult[YesNo], Resolve(_ask_destroy)],
         instance_id: InstanceId,
     ) -> Annotated[CallToolResult, DestroyResult]:
-        """Destroy an instance: billing stops and its disk is deleted (download results first).
-
-        Waits until Vast confirms it is gone. Safe to repeat. An instance this session did not create is destroyed
-        only if the user says yes in a form the client shows them.
-        """
+        """Destroy an instance: billing stops, its disk is deleted (download first). Confirmed by reading it back.
+        One this session did not create needs the user's yes in a form."""
         answered()
         with agent_errors():
             service = await service_of(ctx)
@@ -295,8 +278,7 @@ def register(mcp: MCPServer) -> None:
 
     @tool(mcp, "List this session's instances", read_only=True, destructive=False, idempotent=True, open_world=True)
     async def list_instances(ctx: Context[AppState, Any]) -> Annotated[CallToolResult, InstancesResult]:
-        """The instances this session created: status, $/hour, uptime, accrued cost and when each ends, plus the
-        session's spend against its cap."""
+        """This session's instances: status, $/hour, uptime, cost so far, end time; the session's spend and cap."""
         with agent_errors():
             result = await (await service_of(ctx)).list_session()
         return tool_result(result, result.summary())
@@ -306,10 +288,10 @@ def register(mcp: MCPServer) -> None:
         ctx: Context[AppState, Any],
         answer: Annotated[ElicitationResult[YesNo], Resolve(_ask_keep)],
         instance_id: InstanceId,
-        keep: Annotated[bool, Field(description="True: survive the session's end. False: destroyed at the end.")],
+        keep: Annotated[bool, Field(description="True: outlive the session. False: undo.")],
     ) -> Annotated[CallToolResult, InstancesResult]:
-        """Keep an instance after this session ends (it keeps billing with no end date), or undo that. Keeping
-        needs the user's yes in a form the client shows them; only when the user asks for it."""
+        """Only when the user asks: keep an instance after this session ends (it bills with no end date), after
+        their yes in a form."""
         answered()
         with agent_errors():
             service = await service_of(ctx)
@@ -320,3 +302,14 @@ def register(mcp: MCPServer) -> None:
             result = await service.list_session()
         what = "kept after the session ends (it keeps billing)" if keep else "destroyed when the session ends"
         return tool_result(result, f"Instance {instance_id} will be {what}.\n" + result.summary())
+
+
+async def _then_wait(
+    service: Service, created: CreateResult, instance_id: int, room: float, ctx: Context[AppState, Any]
+) -> CreateResult:
+    """The rental, with how waiting for it went: a wait that fails leaves the rental standing (and said)."""
+    try:
+        ready = await service.wait_ready(instance_id, room, progress_of(ctx))
+    except VastMCPError as exc:
+        return created.model_copy(update={"message": f"Not ready yet ({exc}). Call wait_ready."})
+    return created.model_copy(update={"ready": ready})
