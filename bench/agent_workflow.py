@@ -9,8 +9,9 @@ download its results, destroy the instance, and check it is gone.
             30 s while the job runs) and its 15 s wait for SSH after `running`. Each command is one agent call;
             each poll is one command (a sleep before a command is folded into it: no extra call).
   granular  our tools through a real MCP client (stdio `vast-mcp serve`, legacy era, approving the consent
-            form): search_offers, create_instance, wait_ready until ready, upload, exec_background, tail_log
-            (with wait_s) until the job ends, download, destroy.
+            form): search_offers, create_instance (which waits for readiness within its bound), wait_ready only
+            while not ready yet, upload, exec_background, tail_log (with wait_s) until the job ends, download,
+            destroy.
   run_job   the same client: one run_job, then run_status (with wait_s) until the run is over.
 
 What is counted, per job: calls the agent makes; characters returned to the model (the seed: stdout + stderr of
@@ -482,10 +483,11 @@ async def granular_job(client: Client, sim: SimServer, run: Run, work: Path, ref
         if created.get("instance_id") is None:
             raise BenchError(f"granular: nothing rented ({created.get('status')})")
         iid = run.instance_id = int(created["instance_id"])
+        ready = created.get("ready") or {"ready": False}  # create_instance waits within its own bound
         for _ in range(OUR_CALLS_MAX):
-            ready = await call(client, run, "wait_ready", {"instance_id": iid})
             if ready["ready"] or ready.get("failed"):
                 break
+            ready = await call(client, run, "wait_ready", {"instance_id": iid})
         if not ready["ready"]:
             raise BenchError(f"granular: instance {iid} did not become ready: {ready.get('status_msg')}")
         await call(client, run, "upload", {"instance_id": iid, "local_paths": [str(work / "tiny-job")]})
@@ -527,13 +529,10 @@ async def run_job_job(client: Client, sim: SimServer, run: Run, work: Path, ref:
             "command": JOB,
             "max_runtime_hours": MAX_RUNTIME_H,
             "image": IMAGE,
-            "num_gpus": 1,
-            "min_gpu_ram_gb": 24,
-            "min_reliability": 0.9,
-            "disk_gb": DISK_GB,
+            "offer": {"num_gpus": 1, "min_gpu_ram_gb": 24, "min_reliability": 0.9, "disk_gb": DISK_GB},
             "upload": [str(work / "tiny-job")],
             "results": ["out"],
-            "local_results_dir": str(local),
+            "options": {"local_results_dir": str(local)},
         }
         view = await call(client, run, "run_job", args)
         if view.get("run_id") is None:

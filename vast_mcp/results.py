@@ -41,12 +41,13 @@ class OffersResult(BaseModel):
                 "again."
             )
         # Numbers first, free text (GPU, location) last: one space between columns is enough to read them.
-        lines = [f"$/hr with {self.disk_gb:g} GB disk. offer_id $/hr reliability cuda gpu, location:"]
+        lines = [f"offer_id, $/hr with {self.disk_gb:g} GB disk, reliability, cuda, gpu, country:"]
         for o in self.offers:
             rel = f"{o.reliability:.3f}" if o.reliability is not None else "-"
             cuda = f"{o.cuda:g}" if o.cuda is not None else "-"
-            lines.append(f"{o.offer_id} {o.dph:.3f} {rel} {cuda} {o.gpu[:40]}, {(o.location or '-')[:30]}")
-        lines.append("Next: create_instance with an offer_id (the user approves the price).")
+            country = (o.location or "-").rsplit(",", 1)[-1].strip()[:20]  # the structured row has the place
+            lines.append(f"{o.offer_id} {o.dph:.3f} {rel} {cuda} {o.gpu[:40]} {country}")
+        lines.append("Rent one with create_instance.")
         return "\n".join(lines)
 
 
@@ -85,8 +86,8 @@ class CreateResult(BaseModel):
         if self.status == "declined":
             return self.message or "Declined; nothing was created and nothing is billed."
         rented = (
-            f"Rented instance {self.instance_id} ({q.gpu}, ${q.dph:.3f}/hr, approved by {self.approved_by}); it "
-            f"bills until destroyed, at the latest after {q.max_runtime_hours:g} h."
+            f"Rented instance {self.instance_id} ({q.gpu}, ${q.dph:.3f}/hr, approved by {self.approved_by}); "
+            f"destroyed after {q.max_runtime_hours:g} h at the latest."
         )
         if self.ready is not None:
             return f"{rented}\n{self.ready.summary()}"
@@ -121,7 +122,7 @@ class ReadyResult(BaseModel):
             gpus = ", ".join(self.gpus) if self.gpus else "no GPU visible (nvidia-smi absent)"
             disk = f", {self.disk_free_gb:.0f} GB free" if self.disk_free_gb is not None else ""
             py = f", Python {self.python}" if self.python else ", no Python"
-            text = f"Ready after {self.waited_s:.1f} s: {gpus}{disk}{py}. Next: upload, then exec_background."
+            text = f"Ready after {self.waited_s:.1f} s: {gpus}{disk}{py}. Next: upload, exec_background."
             if self.watchdog not in (None, "ok"):
                 text += f"\nWARNING: {watchdog_warning(self.watchdog or '')}"
             return text
@@ -198,7 +199,7 @@ class JobView(BaseModel):
 
     def summary(self) -> str:
         if self.state == "running":
-            return f"Job {self.job_id} running (pid {self.pid}). Next: tail_log."
+            return f"Job {self.job_id} running (pid {self.pid})."
         code = f" with code {self.exit_code}" if self.exit_code is not None else ""
         return f"Job {self.job_id} on instance {self.instance_id} has {self.state}{code}."
 
@@ -238,7 +239,7 @@ class LogResult(BaseModel):
         if not self._text:
             return f"{head}. No new output.{more}"
         frame = Frame(self._text)
-        return f"{head}. Log bytes {self.cursor}-{self.next_cursor}:\n{frame.block('log', self._text)}{more}"
+        return f"{head}. Log {self.cursor}-{self.next_cursor}:\n{frame.block('log', self._text)}{more}"
 
 
 class InstanceRow(BaseModel):

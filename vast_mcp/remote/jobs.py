@@ -83,6 +83,10 @@ state() {
       alive=1
     fi
   fi
+  if [ $alive = 0 ] && [ -f "$d/exit" ]; then
+    state  # it ended between the first look at exit and the look at its pid: read its exit code
+    return 0
+  fi
   if [ $alive = 1 ]; then st=running
   elif [ -f "$d/killed" ]; then st=killed
   elif [ -z "$pid" ] && [ -f "$d/starting" ]; then st=running

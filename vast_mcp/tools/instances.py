@@ -170,7 +170,7 @@ def register(mcp: MCPServer) -> None:
         query: OfferQuery = "",
         disk_gb: DiskGb = 32.0,
         order: Annotated[str, Field(max_length=200, description="Sort fields, '-' for descending.")] = "dph",
-        limit: Annotated[int, Field(ge=1, le=50)] = 5,
+        limit: Annotated[int, Field(ge=1, le=50)] = 3,
     ) -> Annotated[CallToolResult, OffersResult]:
         """Find rentable GPU machines, cheapest first; free, rents nothing. Rows: offer_id, GPU, $/hour with
         disk_gb priced in, reliability, location, CUDA. Verified hosts only unless query has verified=any."""
