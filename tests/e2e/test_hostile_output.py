@@ -325,6 +325,17 @@ async def test_binary_output_fits_one_cap_text_and_structured_together(rig: Rig)
     assert cursor == end and seen > 200_000 // 65536, "pages shrink to fit the cap; nothing is skipped"
 
 
+@pytest.mark.anyio
+async def test_binary_command_output_travels_once_within_one_cap(rig: Rig) -> None:
+    command = "head -c 100000 /dev/urandom; head -c 100000 /dev/urandom >&2"
+    result, got, text = await rig.answer("run_command", {"instance_id": rig.iid, "command": command})
+    assert answer_size(result) <= RESULT_CAP, "text and structured content share one cap"
+    assert got["stdout_bytes"] == 100_000 and got["stderr_bytes"] == 100_000
+    assert len(json.dumps(got)) < 1000, "the structured content carries sizes and state, not the output again"
+    blocks = read_blocks(text)
+    assert set(blocks) == {"stdout", "stderr"} and blocks["stdout"] and blocks["stderr"], "both streams, in the text"
+
+
 # --- arguments ----------------------------------------------------------------------------------------------------
 
 

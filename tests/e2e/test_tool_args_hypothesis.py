@@ -64,10 +64,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def value_for(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Values that fit `schema` (approximately), at its bounds and beyond them, or of another type."""
-    kinds = [s.get("type") for s in schema.get("anyOf", [schema])]
+    kinds = [_kind(s) for s in schema.get("anyOf", [schema])]
     options: list[st.SearchStrategy[Any]] = [ANY_SCALAR]
     for s in schema.get("anyOf", [schema]):
-        kind = s.get("type")
+        kind = _kind(s)
         if kind == "integer":
             lo, hi = s.get("minimum", -(2**31)), s.get("maximum", 2**31)
             options += [st.integers(lo, hi), st.sampled_from([lo - 1, hi + 1, 0, -1, 2**63])]
@@ -83,9 +83,20 @@ def value_for(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
             options.append(st.lists(value_for(s.get("items", {})), max_size=4))
         elif kind == "object":
             options.append(st.dictionaries(st.one_of(HOSTILE, st.text(max_size=10)), HOSTILE, max_size=3))
+            if s.get("properties"):  # a group of arguments (run_job's offer, options): its own fields, drawn
+                fields = {name: value_for(sub) for name, sub in s["properties"].items()}
+                options.append(st.fixed_dictionaries({}, optional=fields))
     if not any(k in ("integer", "number", "string", "boolean", "array", "object") for k in kinds):
         options.append(st.integers(-5, 10**6))
     return st.one_of(options)
+
+
+def _kind(schema: dict[str, Any]) -> Any:
+    """The schema's type; for a list of types (`["integer", "null"]`), the first that is not null."""
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return next((k for k in kind if k != "null"), None)
+    return kind
 
 
 @st.composite
