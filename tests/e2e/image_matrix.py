@@ -127,7 +127,7 @@ async def _granular(client: Client, server: SimServer, row: Row, project: Path, 
         made = await _tool(
             client,
             "create_instance",
-            {"offer_id": offer_id, "max_runtime_hours": 1, "image": row.image, "disk_gb": 20},
+            {"offer_id": offer_id, "max_runtime_hours": 1, "image": row.image, "disk_gb": 20, "wait_s": 0},
         )
         iid = made["instance_id"]
         ready: dict[str, Any] = {}

@@ -274,7 +274,9 @@ class Run:
     async def rent(self, client: Client) -> int:
         offers = await self.data(client, "search_offers", {"num_gpus": 1, "limit": 3})
         offer_id = offers["offers"][0]["offer_id"]
-        args = {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 16}
+        # wait_s 0: the scenarios follow readiness through wait_ready, call by call, as they did before
+        # create_instance could wait.
+        args = {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 16, "wait_s": 0}
         created = await self.data(client, "create_instance", args)
         if created.get("status") != "created":
             raise ToolFailed(f"create_instance: {created}")

@@ -43,11 +43,13 @@ def make_project(root: Path) -> tuple[Path, bytes]:
 
 
 def run_args(project: Path, **extra: Any) -> dict[str, Any]:
+    """The machine filter grouped in `offer`; options a test adds (ready_timeout_s, keep_on_failure) stay at the top
+    level, the form before grouping, which the server still folds into `options`."""
     return {
         "command": "cd project && cat ../setup.txt && sh train.sh",
         "setup": ["echo setup-done > setup.txt"],
         "max_runtime_hours": 1,
-        "disk_gb": 20,
+        "offer": {"disk_gb": 20},
         "max_dph": BUDGET_DPH,
         "upload": [str(project)],
         "results": ["project/out"],

@@ -42,6 +42,20 @@ def create_args(offer_id: int, **extra: Any) -> dict[str, Any]:
     return {"offer_id": offer_id, "image": "pytorch/pytorch", "max_runtime_hours": 1, "disk_gb": 20, **extra}
 
 
+async def test_create_instance_waits_until_ready_within_its_bound(settings: Settings, cloud_server: SimServer) -> None:
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
+        first, second = (await call(client, "search_offers", {"num_gpus": 1, "limit": 2}))["offers"]
+        result = await client.call_tool("create_instance", create_args(first["offer_id"]))
+        created = result.structured_content or {}
+        assert created["status"] == "created" and created["ready"]["ready"], text(result)
+        assert created["ready"]["python"] and "Ready after" in text(result) and "wait_ready" not in text(result)
+        later = await call(client, "create_instance", create_args(second["offer_id"], wait_s=0))
+        assert later["status"] == "created" and later["ready"] is None, "wait_s 0: answered as soon as rented"
+        for iid in (created["instance_id"], later["instance_id"]):
+            assert (await call(client, "destroy", {"instance_id": iid}))["confirmed"]
+    assert not alive(cloud_server)
+
+
 @pytest.mark.parametrize(("mode", "cloud_server"), ERA_BACKENDS, indirect=["cloud_server"])
 async def test_granular_workflow(mode: str, settings: Settings, cloud_server: SimServer, tmp_path: Path) -> None:
     project = tmp_path / "project"

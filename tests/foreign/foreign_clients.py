@@ -94,7 +94,8 @@ def full_env(spec: ServerSpec) -> dict[str, str]:
 
 
 # A rental small enough for any test: cheap image name, short runtime, little disk.
-SMALL_RENTAL: dict[str, Any] = {"image": "python:3.11-slim", "max_runtime_hours": 0.05, "disk_gb": 16}
+# wait_s 0: these hosts hold state only and never accept SSH, so create_instance should not wait for readiness.
+SMALL_RENTAL: dict[str, Any] = {"image": "python:3.11-slim", "max_runtime_hours": 0.05, "disk_gb": 16, "wait_s": 0}
 
 
 async def first_offer_id(client: ForeignClient) -> int:
