@@ -225,7 +225,8 @@ async def _agent(client: Client, progress: Progress, workdir: Path, results: Pat
     offer = offers["offers"][0]
 
     progress.enter("rent", "(the user approves the price)")
-    args = {"offer_id": offer["offer_id"], "image": IMAGE, "disk_gb": 16, "max_runtime_hours": 0.5}
+    # wait_s 0: the demo shows readiness as its own step (wait_ready), with its own bound and failure words.
+    args = {"offer_id": offer["offer_id"], "image": IMAGE, "disk_gb": 16, "max_runtime_hours": 0.5, "wait_s": 0}
     created = await _call(client, progress, "create_instance", args)
     iid = int(created["instance_id"])
 
