@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -42,12 +43,23 @@ def key_line(key: asyncssh.SSHKey) -> str:
     return " ".join(bytes(key.export_public_key("openssh")).decode("ascii").split()[:2])
 
 
+_PATH_LOCKS: dict[Path, threading.Lock] = {}
+_PATH_LOCKS_GUARD = threading.Lock()
+
+
+def _path_lock(path: Path) -> threading.Lock:
+    """One lock per pins file in this process: over HTTP every MCP session has its own store on the same file."""
+    with _PATH_LOCKS_GUARD:
+        return _PATH_LOCKS.setdefault(path.resolve(), threading.Lock())
+
+
 class HostKeyStore:
-    """A JSON file of pins. Reads are served from memory; writes replace the file atomically."""
+    """A JSON file of pins. Reads are served from memory; a change re-reads the file (another session's store may
+    have pinned since), then replaces it atomically."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = _path_lock(path)
         self._pins: dict[str, PinnedKey] | None = None
 
     @classmethod
@@ -66,7 +78,7 @@ class HostKeyStore:
     def _write(self, pins: dict[str, PinnedKey]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {p.host_id: {"key": p.key, "address": p.address, "pinned_at": p.pinned_at} for p in pins.values()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -78,6 +90,7 @@ class HostKeyStore:
 
     def _pin_sync(self, host_id: str, key: str, address: str) -> PinnedKey:
         with self._lock:
+            self._pins = None
             pins = self._read()
             existing = pins.get(host_id)
             if existing is not None:
@@ -89,6 +102,7 @@ class HostKeyStore:
 
     def _forget_sync(self, host_id: str) -> bool:
         with self._lock:
+            self._pins = None
             pins = dict(self._read())
             if pins.pop(host_id, None) is None:
                 return False
