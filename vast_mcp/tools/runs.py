@@ -80,6 +80,8 @@ async def _plan_run_job(
     keep_on_failure: bool,
     ready_timeout_s: float,
     max_tries: int,
+    checkpoint_dir: str | None,
+    interruptible: bool,
     quote_id: str | None,
     ctx: Context[AppState, Any],
 ) -> _RunPlanning:
@@ -102,6 +104,7 @@ async def _plan_run_job(
                 min_reliability=min_reliability,
                 countries=countries,
             )
+            service = await service_of(ctx)
             spec = RunSpec(
                 command=command,
                 image=image if image is not None or template_hash is not None else DEFAULT_RUN_IMAGE,
@@ -122,10 +125,14 @@ async def _plan_run_job(
                 keep_on_failure=keep_on_failure,
                 ready_timeout_s=ready_timeout_s,
                 max_tries=max_tries,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every_s=service.settings.checkpoint_every_s,
+                interruptible=interruptible,
+                bid_margin=service.settings.bid_margin,
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
-            plan = await plan_run(await service_of(ctx), spec, allow_cap_raise=can_elicit(ctx))
+            plan = await plan_run(service, spec, allow_cap_raise=can_elicit(ctx))
             return _RunPlanning(spec=spec, plan=plan)
     except ToolError as exc:
         return _RunPlanning(error=str(exc))
@@ -223,6 +230,17 @@ def register(mcp: MCPServer) -> None:
         max_tries: Annotated[
             int, Field(ge=1, le=MAX_TRIES, description="Machines to try, one after the other, if one fails to start.")
         ] = MAX_TRIES,
+        checkpoint_dir: Annotated[
+            str | None,
+            Field(
+                max_length=1000,
+                description="Job's checkpoint folder (relative to remote_dir): copied home while it runs; a lost "
+                "machine is replaced and the job restarted with VAST_MCP_RESUME=1.",
+            ),
+        ] = None,
+        interruptible: Annotated[
+            bool, Field(description="Bid (cheaper; stopped when outbid, then resumed on another machine).")
+        ] = False,
         quote_id: QuoteId = None,
     ) -> Annotated[CallToolResult, RunView]:
         """Run a whole GPU job in one call: rent → upload → setup → run → follow the log → download → destroy.
