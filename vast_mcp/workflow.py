@@ -63,6 +63,9 @@ READ_MAX_BYTES = 16 * 1024  # log returned by one run_status call
 PULL_MAX_S = 1800.0  # a boot that keeps making progress (a big image pulling) is given up on only after this
 WAIT_READY_CHUNK_S = 30.0  # one Service.wait_ready call; the run's status is refreshed between calls
 TAIL_WAIT_S = 20.0  # the instance holds a tail request this long waiting for output
+# A run that may lose its machine mid-job reads the log more often: what a lost machine printed since the last
+# read is lost with it.
+RECOVERING_TAIL_WAIT_S = 2.0
 TAIL_SPACING_S = 2.0  # each tail also reads the instance from Vast, whose show-instance route allows ~1 call / 2 s
 WATCH_FAILURES = 6  # consecutive failed log reads before the instance is declared unreachable
 TRANSFER_BOUND_S = 3600.0
@@ -845,6 +848,13 @@ class RunBook:
             problem = await self._watch(run, iid, job.job_id)
             tg.cancel_scope.cancel()
         run.job_ended = time.monotonic()
+        if problem is None and run.mirror is not None:
+            # One last round, so the kept copy is the job's final checkpoint (a failure here fails nothing).
+            with anyio.move_on_after(TRANSFER_BOUND_S):
+                try:
+                    await run.mirror.sync(service, iid)
+                except VastMCPError as exc:
+                    run.touch(detail=f"the last checkpoint fetch failed ({exc})")
         return problem
 
     async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
@@ -856,6 +866,7 @@ class RunBook:
         ends_at = row.created_at + run.spec.max_runtime_h * 3600 if row is not None else time.time()
         deadline = time.monotonic() + max(0.0, ends_at - time.time())
         cursor, failures = 0, 0
+        hold = RECOVERING_TAIL_WAIT_S if run.spec.recovers else TAIL_WAIT_S
         while True:
             asked = time.monotonic()
             left = deadline - asked
@@ -865,7 +876,7 @@ class RunBook:
                 return f"The job ran past its maximum runtime of {run.spec.max_runtime_h:g} h and was stopped."
             try:
                 chunk = await self.service.tail(
-                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES, budget=None
+                    iid, job_id, cursor=cursor, wait=min(hold, left), max_bytes=LOG_KEEP_BYTES, budget=None
                 )
             except (RemoteError, VastAPIError) as exc:
                 failures += 1
