@@ -190,9 +190,14 @@ async def keep_synced(
     every_s: float,
     note: Callable[[str], None],
 ) -> None:
-    """Fetch the checkpoint folder every `every_s` until cancelled; a failed round is noted and retried."""
+    """Fetch the checkpoint folder every `every_s` until cancelled; a failed round is noted and retried.
+
+    Rounds start on a fixed cadence (a slow round delays the next one only by what it overran), so the fetched
+    copy is never more than about `every_s` behind what the job had written."""
+    due = time.monotonic()
     while True:
-        await anyio.sleep(every_s)
+        due = max(due + every_s, time.monotonic())
+        await anyio.sleep(due - time.monotonic())
         try:
             with anyio.fail_after(FETCH_BOUND_S):
                 fetched = await mirror.sync(service, instance_id)
