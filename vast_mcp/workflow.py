@@ -202,10 +202,10 @@ class RunPlan:
         if self.spec.recovers and tries > 1:
             failover += (
                 f" The job then resumes from its last checkpoint ({self.spec.checkpoint_dir}, fetched every "
-                f"{self.spec.checkpoint_every_s:g} s)."
+                f"{self.spec.checkpoint_every_s:g} s)"
                 if self.spec.checkpoint_dir is not None
-                else " The job then starts over (it declared no checkpoint folder)."
-            )
+                else " The job then starts over (it declared no checkpoint folder)"
+            ) + ", within what is left of the max runtime."
         kept = (
             f" If the job fails, that instance is KEPT for debugging: it goes on billing ${self.ceiling_dph:.3f}/hr "
             "at most, with no end date, until someone destroys it."
@@ -341,6 +341,7 @@ class Run:
     mirror: CheckpointMirror | None = None  # the checkpoint folder's local copy, when the run declared one
     recoveries: int = 0  # machines replaced after the job had started on them
     machine_lost: bool = False  # set by the watch: the last problem was the machine, not the job
+    first_ends_at: float | None = None  # wall time the first machine's job reached its approved max runtime
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -771,6 +772,8 @@ class RunBook:
                     f"{problem} The run has used all {spec.max_tries} machine(s) its approval allows.{kept} Call "
                     "run_job again to go on (with the same checkpoint_dir the job resumes from it)."
                 )
+            if run.first_ends_at is not None and time.time() >= run.first_ends_at:
+                raise _RunFailed(f"{problem} The run's approved max runtime is used up, so it stops here.")
             run.recoveries += 1
             run.touch("renting", f"machine lost ({problem}); renting another to resume on")
             current = await self._rent(run)
@@ -833,7 +836,9 @@ class RunBook:
                 iid, spec.script(resume=resume), workdir=None, env=spec.env, secrets=spec.secrets
             )
         except VastMCPError as exc:
-            return f"The job could not be started: {exc}"
+            stopped = await self._stopped(iid)
+            run.machine_lost = stopped is not None
+            return f"The job could not be started: {exc}" + (f" (the instance is {stopped})" if stopped else "")
         run.job_id = job.job_id
         if run.job_started is None:
             run.job_started = time.monotonic()
@@ -864,6 +869,11 @@ class RunBook:
         session's limit enforcer a grace period for the results download before it destroys the machine."""
         row = await self.service.own(iid)
         ends_at = row.created_at + run.spec.max_runtime_h * 3600 if row is not None else time.time()
+        if run.first_ends_at is None:
+            run.first_ends_at = ends_at
+        # A machine that replaces a lost one runs only what is left of the approved max runtime: the approval
+        # covers one job of that length, one machine at a time.
+        ends_at = min(ends_at, run.first_ends_at)
         deadline = time.monotonic() + max(0.0, ends_at - time.time())
         cursor, failures = 0, 0
         hold = RECOVERING_TAIL_WAIT_S if run.spec.recovers else TAIL_WAIT_S

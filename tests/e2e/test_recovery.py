@@ -212,3 +212,34 @@ async def test_interruptible_run_outbid_twice_still_finishes(
     for m in receipt["machines"]:
         assert rows[m["instance_id"]]["destroyed"]
         assert rows[m["instance_id"]]["dph_total"] == pytest.approx(m["dph"], rel=1e-3)
+
+
+async def test_a_job_that_fails_by_itself_is_not_restarted(
+    settings: Settings, cloud_server: SimServer, tmp_path: Path
+) -> None:
+    args = job_args(tmp_path, "", command="sh project/job.sh && exit 3")
+    async with Client(build_server(fast(settings)), elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", args)
+        final, log = await Follower(c, started["run_id"]).finish()
+        assert not alive(cloud_server)
+    assert final["status"] == "failed" and final["receipt"]["exit_code"] == 3
+    assert "resumed" not in log and len(final["receipt"]["machines"]) == 1
+    assert final["receipt"]["recoveries"] == 0
+
+
+async def test_a_run_out_of_machines_stops_and_keeps_its_checkpoint(
+    settings: Settings, cloud_server: SimServer, tmp_path: Path
+) -> None:
+    async with Client(build_server(fast(settings)), elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", job_args(tmp_path, "2", max_tries=1))
+        run_id = started["run_id"]
+        iid = await machine_of(c, run_id, set())
+        await until_mirrored(tmp_path, 2)
+        admin(cloud_server, f"{iid}/fail")
+        final, _ = await Follower(c, run_id).finish()
+        assert not alive(cloud_server), "the lost machine is destroyed, and no other is rented"
+    receipt = final["receipt"]
+    assert final["status"] == "failed" and "all 1 machine(s)" in receipt["error"]
+    [lost] = receipt["machines"]
+    assert lost["outcome"] == "lost" and lost["destroyed"]
+    assert mirrored_step(tmp_path) == 2 and receipt["checkpoint_dir"] is not None
