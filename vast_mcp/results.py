@@ -339,7 +339,7 @@ RunPhase = Literal["renting", "booting", "uploading", "running", "downloading", 
 
 
 class RunTry(BaseModel):
-    number: int = Field(description="1 for the first machine, 2 and 3 for failovers.")
+    number: int = Field(description="1 for the first machine, then failovers and replacements of lost machines.")
     offer_id: int
     machine_id: int | None
     gpu: str

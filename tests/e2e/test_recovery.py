@@ -243,3 +243,37 @@ async def test_a_run_out_of_machines_stops_and_keeps_its_checkpoint(
     [lost] = receipt["machines"]
     assert lost["outcome"] == "lost" and lost["destroyed"]
     assert mirrored_step(tmp_path) == 2 and receipt["checkpoint_dir"] is not None
+
+
+async def test_the_mirror_follows_nested_changed_and_deleted_files(
+    settings: Settings, cloud_server: SimServer, tmp_path: Path
+) -> None:
+    command = (
+        'ck="$VAST_MCP_CHECKPOINT_DIR"; mkdir -p "$ck/a/b" && printf one > "$ck/a/b/x" && printf odd > "$ck/odd[1]" '
+        '&& printf old > "$ck/old" && sleep 3 && rm "$ck/old" && printf two > "$ck/a/b/x" && mkdir -p out '
+        "&& echo done > out/result.txt"
+    )
+    async with Client(build_server(fast(settings)), elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", job_args(tmp_path, "", command=command, upload=None))
+        run_id = started["run_id"]
+        await until_file(tmp_path / "results" / ".vast-checkpoint" / "ckpt" / "old")
+        final, _ = await Follower(c, run_id).finish()
+    assert final["status"] == "succeeded", final
+    mirror = Path(final["receipt"]["checkpoint_dir"])
+    assert files_under(mirror) == ["a/b/x", "odd[1]"]
+    assert (mirror / "a" / "b" / "x").read_text() == "two" and (mirror / "odd[1]").read_text() == "odd"
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+async def until_file(path: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        await anyio.sleep(0.05)
