@@ -201,7 +201,8 @@ async def keep_synced(
         try:
             with anyio.fail_after(FETCH_BOUND_S):
                 fetched = await mirror.sync(service, instance_id)
-        except (VastMCPError, TimeoutError) as exc:
+        except (VastMCPError, TimeoutError, OSError) as exc:
+            # The job goes on either way; the previous copy stays until a round succeeds.
             note(f"checkpoint fetch failed ({exc or 'no progress within the bound'}); retrying")
             continue
         if fetched:

@@ -858,7 +858,7 @@ class RunBook:
             with anyio.move_on_after(TRANSFER_BOUND_S):
                 try:
                     await run.mirror.sync(service, iid)
-                except VastMCPError as exc:
+                except (VastMCPError, OSError) as exc:
                     run.touch(detail=f"the last checkpoint fetch failed ({exc})")
         return problem
 
