@@ -197,7 +197,7 @@ async def keep_synced(
     due = time.monotonic()
     while True:
         due = max(due + every_s, time.monotonic())
-        await anyio.sleep(due - time.monotonic())
+        await anyio.sleep(max(0.0, due - time.monotonic()))
         try:
             with anyio.fail_after(FETCH_BOUND_S):
                 fetched = await mirror.sync(service, instance_id)
