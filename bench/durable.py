@@ -132,11 +132,11 @@ class Bench:
         except (FileNotFoundError, ValueError):
             return 0
 
-    async def strike(self, instance_id: int, at_step: int, what: str) -> int:
-        """Once a checkpoint of `at_step` (or later) was fetched, wait part of an interval, then break the machine
-        (`fail` or `outbid`); the job's step at that moment."""
+    async def strike(self, instance_id: int, at_step: int, what: str, *, fetched: bool = True) -> int:
+        """Once a checkpoint of `at_step` (or later) was fetched (or, with `fetched=False`, the job got there),
+        wait part of an interval, then break the machine (`fail` or `outbid`); the job's step at that moment."""
         deadline = time.monotonic() + WAIT_S
-        while self.fetched() < at_step and self.progress(instance_id) < at_step:
+        while (self.fetched() if fetched else self.progress(instance_id)) < at_step:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"step {at_step} never reached")
             await anyio.sleep(0.05)
@@ -217,7 +217,7 @@ async def outbid_twice(b: Bench) -> Outcome:
 async def outbid_without_checkpoint(b: Bench) -> Outcome:
     await b.start(checkpoint=False, interruptible=True)
     iid = await b.running_on(set())
-    at = await b.strike(iid, 10, "outbid")
+    at = await b.strike(iid, 10, "outbid", fetched=False)
     return b.outcome("outbid, no checkpoint (starts over)", "interruptible", await b.finish(), [at])
 
 
