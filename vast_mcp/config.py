@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bids import DEFAULT_BID_MARGIN, bid_margin_from_env
+from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S, checkpoint_every_from_env
 from .consent import Caps
 from .errors import ConfigError
 
@@ -180,6 +182,8 @@ class Settings:
     lease_s: float | None = DEFAULT_LEASE_S  # dead-man's switch: None disables it
     http_idle_s: float = DEFAULT_HTTP_IDLE_S
     api_pacing: float = 1.0  # scale of Vast's rate limits the client keeps to; 0: no pacing
+    bid_margin: float = DEFAULT_BID_MARGIN  # interruptible runs bid the offer's minimum bid plus this fraction
+    checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S  # how often a run's checkpoint folder is fetched
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -194,4 +198,6 @@ class Settings:
             lease_s=lease_from_env(),
             http_idle_s=http_idle_from_env(),
             api_pacing=api_pacing_from_env(),
+            bid_margin=bid_margin_from_env(),
+            checkpoint_every_s=checkpoint_every_from_env(),
         )

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .bids import BidTerms
 from .errors import (
     CapExceededError,
     ConfigError,
@@ -245,6 +246,7 @@ class Quote:
     template_hash: str | None = None
     has_onstart: bool = False
     env_names: tuple[str, ...] = ()
+    bid: BidTerms | None = None  # an interruptible rental: `dph` is the bid plus the disk
 
     @property
     def projected_usd(self) -> float:
@@ -281,7 +283,7 @@ class Quote:
             f"Rent {self.gpu} ({machine}offer {self.offer_id}){where}{reliability}, running {self.runs()}. "
             f"Price: ${self.dph:.3f}/hr including {self.disk_gb:g} GB of disk. Maximum runtime "
             f"{self.max_runtime_h:g} h (the instance is destroyed then), so at most {_usd(self.projected_usd)} in "
-            f"all.{transfer}"
+            f"all.{transfer}" + (f" {self.bid.words()}" if self.bid is not None else "")
         )
 
 
@@ -294,12 +296,22 @@ class QuoteBook:
         self._quotes: dict[str, Quote] = {}
         self._closed: dict[str, str] = {}  # quote id -> "used" or "voided"
 
-    def issue(self, offer: Offer, *, disk_gb: float, max_runtime_h: float, params: Mapping[str, object]) -> Quote:
-        """Quote `offer` for a create with `params` (the request body without its label).
+    def issue(
+        self,
+        offer: Offer,
+        *,
+        disk_gb: float,
+        max_runtime_h: float,
+        params: Mapping[str, object],
+        bid: BidTerms | None = None,
+    ) -> Quote:
+        """Quote `offer` for a create with `params` (the request body without its label); with `bid`, as an
+        interruptible rental at that bid.
 
         The offer must come from a search with `allocated_storage` equal to `disk_gb`, so that its `dph_total`
         prices that disk.
         """
+        dph = bid.dph_total if bid is not None else offer.dph_total
         for name, value in (("disk_gb", disk_gb), ("max_runtime_h", max_runtime_h)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -311,7 +323,7 @@ class QuoteBook:
         open_quote = self.open_for(offer.id, digest, disk_gb=disk_gb, max_runtime_h=max_runtime_h)
         # Asking again for the same thing at the same price gets the same quote, so the user is shown one question
         # however often the request is retried (elicitation may re-run on each protocol round).
-        if open_quote is not None and open_quote.dph == offer.dph_total:
+        if open_quote is not None and open_quote.dph == dph:
             return open_quote
         env = params.get("env")
         quote = Quote(
@@ -321,7 +333,7 @@ class QuoteBook:
             gpu_name=offer.gpu_name,
             num_gpus=offer.num_gpus,
             gpu_ram_gb=offer.gpu_ram / 1000,  # Vast reports MB (decimal), as the CLI divides
-            dph=offer.dph_total,
+            dph=dph,
             disk_gb=disk_gb,
             max_runtime_h=max_runtime_h,
             reliability=offer.reliability2 if offer.reliability2 is not None else offer.reliability,
@@ -335,6 +347,7 @@ class QuoteBook:
             template_hash=_text_or_none(params.get("template_hash_id")),
             has_onstart=bool(params.get("onstart")),
             env_names=tuple(sorted(str(k) for k in env)) if isinstance(env, Mapping) else (),
+            bid=bid,
         )
         self._quotes[quote.quote_id] = quote
         return quote

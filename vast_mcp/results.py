@@ -334,16 +334,19 @@ RunPhase = Literal["renting", "booting", "uploading", "running", "downloading", 
 
 
 class RunTry(BaseModel):
-    number: int = Field(description="1 for the first machine, 2 and 3 for failovers.")
+    number: int = Field(description="1 for the first machine, then failovers and replacements of lost machines.")
     offer_id: int
     machine_id: int | None
     gpu: str
     dph: float = Field(description="$/hour quoted for this machine, disk included.")
     instance_id: int | None = None
-    outcome: Literal["starting", "used", "failed"]
+    outcome: Literal["starting", "used", "failed", "lost"]
     reason: str | None = Field(default=None, description="Why this machine was given up, in plain words.")
     destroyed: bool = Field(default=False, description="Vast confirmed the instance is gone.")
     kept: bool = Field(default=False, description="Kept for debugging at the caller's request (it keeps billing).")
+    interruptible: bool = Field(default=False, description="Rented as a bid: it may be stopped when outbid.")
+    seconds: float | None = Field(default=None, description="How long this machine was rented (the ledger).")
+    cost_usd: float | None = Field(default=None, description="What this machine cost (the ledger).")
 
 
 class RunApprovalView(BaseModel):
@@ -372,6 +375,12 @@ class RunReceipt(BaseModel):
     destroyed: bool = Field(description="Every instance of the run is confirmed gone.")
     kept_instance_id: int | None = None
     error: str | None = None
+    machines: list[RunTry] = Field(default_factory=list, description="Every machine of the run, its time and cost.")
+    recoveries: int = Field(default=0, description="Machines lost mid-job and replaced (the job resumed).")
+    on_demand_cost_usd: float | None = Field(
+        default=None, description="Interruptible runs: the same machine time at on-demand prices."
+    )
+    checkpoint_dir: str | None = Field(default=None, description="Local copy of the job's last checkpoint.")
     _log_tail: str = PrivateAttr(default="")
 
     @property
@@ -425,7 +434,8 @@ class RunView(BaseModel):
             return self.message or "Declined; nothing was rented and nothing is billed."
         lines = [self._headline()]
         lines += [f"WARNING: {w}" for w in self.warnings]
-        lines += [f"  try {t.number}: {t.gpu} ${t.dph:.3f}/hr, {_try_words(t)}" for t in self.tries]
+        if self.receipt is None or not self.receipt.machines:  # the receipt lists them itself
+            lines += [f"  try {t.number}: {t.gpu} ${t.dph:.3f}/hr, {_try_words(t)}" for t in self.tries]
         tail = self.receipt.log_tail if self.receipt is not None and self.receipt.outcome != "succeeded" else ""
         frame = Frame(self._log, tail)
         if self._log or self.log_skipped_bytes:
@@ -456,7 +466,15 @@ def _try_words(t: RunTry) -> str:
         end = ", kept" if t.kept else ", destroyed" if t.destroyed else ""
         return f"{where} runs the job{end}" if not (t.kept or t.destroyed) else f"{where} ran the job{end}"
     end = ", kept" if t.kept else ", destroyed" if t.destroyed else ""
+    if t.outcome == "lost":
+        return f"{where} lost mid-job{end}: {t.reason}"
     return f"{where} failed{end}: {t.reason}"
+
+
+def _machine_words(t: RunTry) -> str:
+    bid = " (bid)" if t.interruptible else ""
+    used = f", {t.seconds:.0f} s, ${t.cost_usd:.4f}" if t.seconds is not None and t.cost_usd is not None else ""
+    return f"  machine {t.number}: {t.gpu} ${t.dph:.3f}/hr{bid}{used}; {_try_words(t)}"
 
 
 def _receipt_words(r: RunReceipt, frame: Frame) -> str:
@@ -465,6 +483,18 @@ def _receipt_words(r: RunReceipt, frame: Frame) -> str:
         lines.append(f"  GPU {r.gpu} at ${r.dph:.3f}/hr")
     job = f", job {r.job_runtime_s:.0f} s" if r.job_runtime_s is not None else ""
     lines.append(f"  runtime {r.runtime_s:.0f} s{job}; total cost ${r.total_cost_usd:.4f} (every try, from the ledger)")
+    lines += [_machine_words(t) for t in r.machines]
+    if r.recoveries:
+        lines.append(f"  {r.recoveries} machine(s) lost mid-job; the job resumed on the next one")
+    if r.on_demand_cost_usd is not None:
+        saved = r.on_demand_cost_usd - r.total_cost_usd
+        pct = f" ({saved / r.on_demand_cost_usd * 100:.0f}%)" if r.on_demand_cost_usd > 0 else ""
+        lines.append(
+            f"  interruptible: on demand the same machine time would have cost ${r.on_demand_cost_usd:.4f}; "
+            f"{'saved' if saved >= 0 else 'extra'} ${abs(saved):.4f}{pct}"
+        )
+    if r.checkpoint_dir is not None:
+        lines.append(f"  last checkpoint kept in {r.checkpoint_dir}")
     if r.exit_code is not None:
         lines.append(f"  job exit code {r.exit_code}")
     if r.results_dir is not None:

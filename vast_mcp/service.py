@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from .approval import Approvals, Grant, request_digest
+from .bids import BidTerms, bid_terms
 from .config import Settings
 from .consent import PRICE_EPSILON, Quote, QuoteBook, check_caps, params_digest, price_recheck
 from .deadman import HEARTBEAT_COMMAND, keep_command, onstart_with_watchdog
@@ -105,6 +106,8 @@ class CreateRequest:
     template_hash: str | None = None
     onstart: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    bid_margin: float | None = None  # interruptible: bid the offer's minimum bid plus this fraction
+    bid_price: float | None = None  # the bid itself, fixed when the request is quoted (see `bids.py`)
 
     def params(self) -> dict[str, Any]:
         return build_create_body(
@@ -113,6 +116,7 @@ class CreateRequest:
             disk_gb=self.disk_gb,
             onstart=self.onstart,
             env=dict(self.env),
+            price=self.bid_price,
         )
 
     def digest(self) -> str:
@@ -331,10 +335,13 @@ class Service:
         order: str,
         limit: int,
         prefer_direct: bool = False,
+        offer_type: str = "on-demand",
     ) -> OffersResult:
         """Offers matching the request. With `prefer_direct` (a job that moves data), offers whose machines publish
         direct ports come first, each group in the asked order: Vast's proxy is slower for data."""
-        body = build_offer_query(query or None, filters=filters, order=order, limit=limit, storage_gb=disk_gb)
+        body = build_offer_query(
+            query or None, filters=filters, order=order, limit=limit, storage_gb=disk_gb, offer_type=offer_type
+        )
         offers = await self.client.search_offers(body)
         now = self.quotes.clock()
         for offer in offers:
@@ -366,6 +373,17 @@ class Service:
         A quote issued for the same request moments ago is reused without searching again: the question and the
         tool body, and each round of a multi-round call, price once (Vast allows about ten searches a minute).
         """
+        bid: BidTerms | None = None
+        if request.bid_margin is not None:
+            # The bid depends on the offer's minimum bid, so the offer is read first (from the last search).
+            offer = await self._offer(request.offer_id, request.disk_gb)
+            bid = bid_terms(offer, request.bid_margin, request.disk_gb)
+            if bid is None:
+                raise OfferUnavailableError(
+                    f"Offer {request.offer_id} takes no bids (Vast lists no minimum bid for it). Pick another offer, "
+                    "or rent it on demand."
+                )
+            request = replace(request, bid_price=bid.price)
         params = request.params()
         quote = self.quotes.open_for(
             request.offer_id, params_digest(params), disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h
@@ -373,7 +391,7 @@ class Service:
         if quote is None or self.quotes.clock() - quote.created_at > REQUOTE_AFTER_S:
             offer = await self._offer(request.offer_id, request.disk_gb)
             quote = self.quotes.issue(
-                offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=params
+                offer, disk_gb=request.disk_gb, max_runtime_h=request.max_runtime_h, params=params, bid=bid
             )
         await self._check_caps(quote, session_cap=None if allow_cap_raise else self.session_cap)
         return quote
@@ -450,6 +468,8 @@ class Service:
         """Rent the granted quote's offer. The ledger row exists before the request leaves; the price is re-checked
         after."""
         quote = grant.quote
+        if request.bid_margin is not None and request.bid_price is None and quote.bid is not None:
+            request = replace(request, bid_price=quote.bid.price)  # the bid the user approved, not a new one
         if (request.offer_id, params_digest(request.params())) != (quote.offer_id, quote.params_digest):
             raise QuoteMismatchError(
                 f"The approval covers offer {quote.offer_id} as quoted, not this request. Ask for a new approval."
@@ -480,6 +500,7 @@ class Service:
                 label=row.label,
                 onstart=self._onstart(request, template_onstart),
                 env=params["env"],
+                price=request.bid_price,
             )
         except (OfferUnavailableError, ConsentError) as exc:
             await self.ledger.mark_create_failed(row.row_id, str(exc))

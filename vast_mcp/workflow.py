@@ -24,6 +24,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .approval import ApprovedBy, Grant, request_digest
+from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S, LOCAL_FOLDER, CheckpointMirror, check_folder, keep_synced
+from .checkpoints import script_lines as checkpoint_lines
 from .consent import Quote
 from .errors import (
     AuthError,
@@ -61,6 +63,9 @@ READ_MAX_BYTES = 16 * 1024  # log returned by one run_status call
 PULL_MAX_S = 1800.0  # a boot that keeps making progress (a big image pulling) is given up on only after this
 WAIT_READY_CHUNK_S = 30.0  # one Service.wait_ready call; the run's status is refreshed between calls
 TAIL_WAIT_S = 20.0  # the instance holds a tail request this long waiting for output
+# A run that may lose its machine mid-job reads the log more often: what a lost machine printed since the last
+# read is lost with it.
+RECOVERING_TAIL_WAIT_S = 2.0
 TAIL_SPACING_S = 2.0  # each tail also reads the instance from Vast, whose show-instance route allows ~1 call / 2 s
 WATCH_FAILURES = 6  # consecutive failed log reads before the instance is declared unreachable
 TRANSFER_BOUND_S = 3600.0
@@ -93,6 +98,16 @@ class RunSpec:
     keep_on_failure: bool = False
     ready_timeout_s: float = 300.0
     max_tries: int = MAX_TRIES
+    checkpoint_dir: str | None = None  # mirrored while the job runs, restored onto the next machine (checkpoints.py)
+    checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S
+    interruptible: bool = False  # bid instead of renting on demand (bids.py)
+    bid_margin: float = 0.0  # fraction above the offer's minimum bid; the server's setting, shown to the user
+
+    @property
+    def recovers(self) -> bool:
+        """Whether a machine lost mid-job is replaced: with a checkpoint to resume from, or when the user chose
+        interruptible machines, which are stopped by design (without a checkpoint the job starts over)."""
+        return self.checkpoint_dir is not None or self.interruptible
 
     @property
     def moves_data(self) -> bool:
@@ -106,6 +121,7 @@ class RunSpec:
             max_runtime_h=self.max_runtime_h,
             image=self.image,
             template_hash=self.template_hash,
+            bid_margin=self.bid_margin if self.interruptible else None,
         )
 
     def digest(self) -> str:
@@ -130,14 +146,20 @@ class RunSpec:
             "keep_on_failure": self.keep_on_failure,
             "ready_timeout_s": self.ready_timeout_s,
             "max_tries": self.max_tries,
+            "checkpoint_dir": self.checkpoint_dir,
+            "checkpoint_every_s": self.checkpoint_every_s,
+            "interruptible": self.interruptible,
+            "bid_margin": self.bid_margin if self.interruptible else None,
         }
         return request_digest(["run", data])
 
-    def script(self) -> str:
+    def script(self, *, resume: bool = False) -> str:
         """The background job: go to the working folder, run the setup (stopping at the first failure), then
         the command itself, so setup output lands in the same log and its failure in the exit code."""
         folder = remote_path_word(self.remote_dir)
         lines = [f"mkdir -p {folder} && cd {folder} || exit 126"]
+        if self.checkpoint_dir is not None:
+            lines += checkpoint_lines(self.remote_checkpoint(), resume=resume)
         if self.setup:
             lines += ["set -e", *self.setup, "set +e"]
         lines.append(self.command)
@@ -147,6 +169,12 @@ class RunSpec:
         """Result paths as the download understands them; relative ones start in the job's working folder."""
         base = self.remote_dir.rstrip("/") or "/"
         return [p if p.startswith(("/", "~")) else f"{base}/{p}" for p in self.results]
+
+    def remote_checkpoint(self) -> str:
+        """The checkpoint folder as the transfers understand it (relative to the job's working folder)."""
+        assert self.checkpoint_dir is not None
+        path, base = self.checkpoint_dir.rstrip("/"), self.remote_dir.rstrip("/") or "/"
+        return path if path.startswith(("/", "~")) else f"{base}/{path.removeprefix('./')}"
 
 
 @dataclass(frozen=True)
@@ -163,13 +191,21 @@ class RunPlan:
         """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
         q = self.quote
         tries = self.spec.max_tries
+        lost = " or is lost or stopped while the job runs" if self.spec.recovers else ""
         failover = (
-            f" If that machine does not start (no boot, SSH never answers), it is destroyed at once and up to "
+            f" If that machine does not start (no boot, SSH never answers){lost}, it is destroyed at once and up to "
             f"{tries - 1} other machine(s) may be tried, one at a time, each at no more than "
             f"${self.ceiling_dph:.3f}/hr ({self.ceiling_why})."
             if tries > 1
             else ""
         )
+        if self.spec.recovers and tries > 1:
+            failover += (
+                f" The job then resumes from its last checkpoint ({self.spec.checkpoint_dir}, fetched every "
+                f"{self.spec.checkpoint_every_s:g} s)"
+                if self.spec.checkpoint_dir is not None
+                else " The job then starts over (it declared no checkpoint folder)"
+            ) + ", within what is left of the max runtime."
         kept = (
             f" If the job fails, that instance is KEPT for debugging: it goes on billing ${self.ceiling_dph:.3f}/hr "
             "at most, with no end date, until someone destroys it."
@@ -209,6 +245,8 @@ async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = F
         service.local_path(path, must_exist=True)
     if spec.results_dir is not None:
         service.local_path(spec.results_dir, must_exist=False)
+    if spec.checkpoint_dir is not None:
+        check_folder(spec.checkpoint_dir)
     found = await service.search(
         query=spec.query,
         filters=spec.filters,
@@ -216,6 +254,7 @@ async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = F
         order="dph",
         limit=spec.max_tries,
         prefer_direct=spec.moves_data,
+        offer_type=offer_type(spec),
     )
     if not found.offers:
         budget = f" at or below ${spec.budget_dph:g}/hr" if spec.budget_dph is not None else ""
@@ -230,7 +269,15 @@ async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = F
     else:
         ceiling = max(o.dph for o in found.offers)
         why = "the dearest of the cheapest matching offers; give a budget to allow more"
+        if spec.interruptible:
+            # Bid offers list their minimum bid; each machine is bid that plus the margin.
+            ceiling *= 1.0 + spec.bid_margin
+            why = f"the dearest of the cheapest matching offers' minimum bids plus {spec.bid_margin * 100:g}%"
     return RunPlan(spec, quote, max(ceiling, quote.dph), why, raise_to)
+
+
+def offer_type(spec: RunSpec) -> str:
+    return "bid" if spec.interruptible else "on-demand"
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -248,8 +295,10 @@ class _Try:
     reason: str | None = None
     destroyed: bool = False
     kept: bool = False
+    on_demand_dph: float | None = None  # set for a bid: what the machine costs on demand, for the receipt
 
-    def view(self) -> RunTry:
+    def view(self, row: LedgerInstance | None = None, now: float = 0.0) -> RunTry:
+        outcome = self.outcome if self.outcome in ("used", "failed", "lost") else "starting"
         return RunTry(
             number=self.number,
             offer_id=self.offer_id,
@@ -257,10 +306,13 @@ class _Try:
             gpu=self.gpu,
             dph=self.dph,
             instance_id=self.instance_id,
-            outcome="used" if self.outcome == "used" else "failed" if self.outcome == "failed" else "starting",
+            outcome=outcome,
             reason=self.reason,
             destroyed=self.destroyed,
             kept=self.kept,
+            interruptible=self.on_demand_dph is not None,
+            seconds=round(row.hours(now) * 3600, 1) if row is not None else None,
+            cost_usd=round(row.accrued(now), 6) if row is not None else None,
         )
 
 
@@ -286,6 +338,10 @@ class Run:
     receipt: RunReceipt | None = None
     finished_at: float | None = None
     warnings: list[str] = field(default_factory=list)  # found before the job started (e.g. no dead-man's switch)
+    mirror: CheckpointMirror | None = None  # the checkpoint folder's local copy, when the run declared one
+    recoveries: int = 0  # machines replaced after the job had started on them
+    machine_lost: bool = False  # set by the watch: the last problem was the machine, not the job
+    first_ends_at: float | None = None  # wall time the first machine's job reached its approved max runtime
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -434,7 +490,7 @@ class RunBook:
             cost_usd=round(await self._cost(run), 6),
             instance_id=run.instance_id,
             job_id=run.job_id,
-            tries=[t.view() for t in run.tries],
+            tries=await self._machines(run),
             approval=run.plan.view(run.approved_by) if with_approval else None,
             cursor=start,
             next_cursor=nxt,
@@ -458,6 +514,15 @@ class RunBook:
             with anyio.move_on_after(min(left, 5.0)):
                 await run.changed().wait()
             await progress(run.elapsed(), None, f"run {run.id}: {run.phase} {run.detail}".strip())
+
+    async def _machines(self, run: Run) -> list[RunTry]:
+        """Every machine of the run with its time and cost so far, from the ledger."""
+        now = time.time()
+        out = []
+        for t in run.tries:
+            row = await self.service.own(t.instance_id) if t.instance_id is not None else None
+            out.append(t.view(row, now))
+        return out
 
     async def _cost(self, run: Run) -> float:
         now = time.time()
@@ -487,6 +552,8 @@ class RunBook:
 
     async def _workflow(self, run: Run) -> None:
         try:
+            if run.spec.checkpoint_dir is not None:
+                run.mirror = CheckpointMirror(run.spec.remote_checkpoint(), self._results_dir(run) / LOCAL_FOLDER)
             current = await self._rent(run)
             await self._job(run, current)
         except _RunFailed as exc:
@@ -501,18 +568,20 @@ class RunBook:
             await self._finish(run, "failed", "internal error in the run (see the server log)")
 
     async def _rent(self, run: Run) -> _Try:
-        """Rent machines one after the other until one is ready (and has the uploads), within the approval."""
+        """Rent machines one after the other until one is ready (and has the uploads), within the approval: the
+        run's machines in all, those lost mid-job included, are at most `max_tries`, and none is tried twice."""
         spec = run.spec
-        excluded_machines: set[int] = set()
-        tried_offers: set[int] = set()
-        grant: Grant | None = run.grant
-        for number in range(1, spec.max_tries + 1):
+        excluded_machines = {t.machine_id for t in run.tries if t.machine_id is not None}
+        tried_offers = {t.offer_id for t in run.tries}
+        grant: Grant | None = run.grant if not run.tries else None
+        while (number := len(run.tries) + 1) <= spec.max_tries:
             if grant is None:
-                run.touch("renting", f"looking for another offer (try {number} of {spec.max_tries})")
+                run.touch("renting", f"looking for another offer (machine {number} of {spec.max_tries})")
                 grant = await self._next_grant(run, excluded_machines, tried_offers)
             quote = grant.quote
             tried_offers.add(quote.offer_id)
             current = _Try(number, quote.offer_id, quote.machine_id, quote.gpu, quote.dph)
+            current.on_demand_dph = quote.bid.on_demand_dph if quote.bid is not None else None
             run.tries.append(current)
             reason = await self._start_machine(run, current, grant)
             grant = None
@@ -527,8 +596,8 @@ class RunBook:
                 await self._destroy(run, current)
             run.touch("renting", f"try {number} failed: {reason}")
         raise _RunFailed(
-            f"No machine became usable after {spec.max_tries} tries; each one's reason is listed under tries. "
-            "Try other GPU requirements, a higher budget, or later."
+            f"No machine became usable within the {spec.max_tries} machine(s) the approval allows; each one's reason "
+            "is listed under tries. Try other GPU requirements, a higher budget, or later."
         )
 
     async def _next_grant(self, run: Run, excluded_machines: set[int], tried_offers: set[int]) -> Grant:
@@ -547,6 +616,7 @@ class RunBook:
             order="dph",
             limit=10,
             prefer_direct=spec.moves_data,
+            offer_type=offer_type(spec),
         )
         for row in found.offers:
             if row.offer_id in tried_offers or (row.machine_id is not None and row.machine_id in excluded_machines):
@@ -688,22 +758,37 @@ class RunBook:
         current.destroyed = True
 
     async def _job(self, run: Run, current: _Try) -> None:
-        """Start the job, follow it to its end, fetch the results, then destroy (or keep on failure)."""
+        """Start the job, follow it to its end, fetch the results, then destroy (or keep on failure). A machine
+        lost mid-job is replaced within the approval when the run recovers (`RunSpec.recovers`): the next one
+        gets the uploads and the last checkpoint, and the job starts again told to resume."""
         service, spec = self.service, run.spec
+        problem = await self._attempt(run, current, resume=False)
+        while run.machine_lost and spec.recovers:
+            current.outcome, current.reason = "lost", problem
+            await self._destroy(run, current)  # a stopped bid instance still bills its disk
+            if len(run.tries) >= spec.max_tries:
+                kept = f" The last checkpoint is in {run.mirror.local}." if run.mirror is not None else ""
+                raise _RunFailed(
+                    f"{problem} The run has used all {spec.max_tries} machine(s) its approval allows.{kept} Call "
+                    "run_job again to go on (with the same checkpoint_dir the job resumes from it)."
+                )
+            if run.first_ends_at is not None and time.time() >= run.first_ends_at:
+                raise _RunFailed(f"{problem} The run's approved max runtime is used up, so it stops here.")
+            run.recoveries += 1
+            run.touch("renting", f"machine lost ({problem}); renting another to resume on")
+            current = await self._rent(run)
+            assert current.instance_id is not None
+            resume = False
+            if run.mirror is not None:
+                run.touch("uploading", "restoring the last checkpoint")
+                try:
+                    with anyio.fail_after(TRANSFER_BOUND_S):
+                        resume = await run.mirror.restore(service, current.instance_id) > 0
+                except (VastMCPError, TimeoutError) as exc:
+                    raise _RunFailed(f"The checkpoint could not be restored onto the new machine: {exc}") from None
+            problem = await self._attempt(run, current, resume=resume)
         assert current.instance_id is not None
         iid = current.instance_id
-        problem: str | None = None
-        run.touch("running", "starting the job")
-        try:
-            job = await service.start_job(iid, spec.script(), workdir=None, env=spec.env, secrets=spec.secrets)
-        except VastMCPError as exc:
-            problem = f"The job could not be started: {exc}"
-        else:
-            run.job_id = job.job_id
-            run.job_started = time.monotonic()
-            run.touch(detail=f"job {job.job_id} running")
-            problem = await self._watch(run, iid, job.job_id)
-            run.job_ended = time.monotonic()
         if problem is None and run.exit_code not in (0, None):
             problem = f"The job exited with code {run.exit_code}; the end of its log is in the receipt."
         missing: list[str] = []
@@ -737,6 +822,46 @@ class RunBook:
             refused=refused,
         )
 
+    async def _attempt(self, run: Run, current: _Try, *, resume: bool) -> str | None:
+        """Start the job on `current` and follow it to its end, fetching its checkpoints meanwhile. Why it did not
+        end by itself, or None when it did (see `run.exit_code`); `run.machine_lost` says whether the machine
+        was the cause."""
+        service, spec = self.service, run.spec
+        assert current.instance_id is not None
+        iid = current.instance_id
+        run.machine_lost = False
+        run.touch("running", "resuming the job from its checkpoint" if resume else "starting the job")
+        try:
+            job = await service.start_job(
+                iid, spec.script(resume=resume), workdir=None, env=spec.env, secrets=spec.secrets
+            )
+        except VastMCPError as exc:
+            stopped = await self._stopped(iid)
+            run.machine_lost = stopped is not None
+            return f"The job could not be started: {exc}" + (f" (the instance is {stopped})" if stopped else "")
+        run.job_id = job.job_id
+        if run.job_started is None:
+            run.job_started = time.monotonic()
+        run.touch(detail=f"job {job.job_id} running" + (" (resumed)" if resume else ""))
+        async with anyio.create_task_group() as tg:
+            if run.mirror is not None:
+
+                def note(text: str) -> None:
+                    run.touch(detail=text)
+
+                tg.start_soon(keep_synced, run.mirror, service, iid, spec.checkpoint_every_s, note)
+            problem = await self._watch(run, iid, job.job_id)
+            tg.cancel_scope.cancel()
+        run.job_ended = time.monotonic()
+        if problem is None and run.mirror is not None:
+            # One last round, so the kept copy is the job's final checkpoint (a failure here fails nothing).
+            with anyio.move_on_after(TRANSFER_BOUND_S):
+                try:
+                    await run.mirror.sync(service, iid)
+                except (VastMCPError, OSError) as exc:
+                    run.touch(detail=f"the last checkpoint fetch failed ({exc})")
+        return problem
+
     async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
         """Follow the job's log until it ends. None when it ended by itself (see `run.exit_code`), else why not.
 
@@ -744,8 +869,14 @@ class RunBook:
         session's limit enforcer a grace period for the results download before it destroys the machine."""
         row = await self.service.own(iid)
         ends_at = row.created_at + run.spec.max_runtime_h * 3600 if row is not None else time.time()
+        if run.first_ends_at is None:
+            run.first_ends_at = ends_at
+        # A machine that replaces a lost one runs only what is left of the approved max runtime: the approval
+        # covers one job of that length, one machine at a time.
+        ends_at = min(ends_at, run.first_ends_at)
         deadline = time.monotonic() + max(0.0, ends_at - time.time())
         cursor, failures = 0, 0
+        hold = RECOVERING_TAIL_WAIT_S if run.spec.recovers else TAIL_WAIT_S
         while True:
             asked = time.monotonic()
             left = deadline - asked
@@ -755,14 +886,16 @@ class RunBook:
                 return f"The job ran past its maximum runtime of {run.spec.max_runtime_h:g} h and was stopped."
             try:
                 chunk = await self.service.tail(
-                    iid, job_id, cursor=cursor, wait=min(TAIL_WAIT_S, left), max_bytes=LOG_KEEP_BYTES, budget=None
+                    iid, job_id, cursor=cursor, wait=min(hold, left), max_bytes=LOG_KEEP_BYTES, budget=None
                 )
             except (RemoteError, VastAPIError) as exc:
                 failures += 1
                 stopped = await self._stopped(iid)
                 if stopped is not None:
+                    run.machine_lost = True
                     return f"The instance stopped while the job ran ({stopped})."
                 if failures >= WATCH_FAILURES:
+                    run.machine_lost = True
                     return f"The instance stopped answering over SSH while the job ran ({exc})."
                 await anyio.sleep(min(2.0**failures, 15.0))
                 continue
@@ -773,6 +906,7 @@ class RunBook:
                 run.exit_code = chunk.exit_code
                 if chunk.state == "exited":
                     return None
+                run.machine_lost = chunk.state == "lost"  # no exit code: the container restarted under the job
                 return f"The job ended as {chunk.state} (it was killed, or the instance restarted under it)."
             if not chunk.more:
                 await anyio.sleep(max(0.0, TAIL_SPACING_S - (time.monotonic() - asked)))
@@ -814,6 +948,18 @@ class RunBook:
         job_runtime = None
         if run.job_started is not None:
             job_runtime = round((run.job_ended or run.finished_at) - run.job_started, 2)
+        machines = await self._machines(run)
+        on_demand = None
+        if run.spec.interruptible:
+            # The same machine time at each machine's on-demand price: what bidding saved (or cost).
+            on_demand = round(
+                sum(
+                    (m.seconds or 0.0) / 3600 * (t.on_demand_dph if t.on_demand_dph is not None else t.dph)
+                    for m, t in zip(machines, run.tries, strict=True)
+                ),
+                6,
+            )
+        mirror = run.mirror
         run.receipt = RunReceipt(
             outcome="succeeded" if outcome == "succeeded" else "cancelled" if outcome == "cancelled" else "failed",
             gpu=used.gpu if used else None,
@@ -829,6 +975,10 @@ class RunBook:
             destroyed=all(t.destroyed for t in run.tries if t.instance_id is not None),
             kept_instance_id=kept,
             error=error,
+            machines=machines,
+            recoveries=run.recoveries,
+            on_demand_cost_usd=on_demand,
+            checkpoint_dir=str(mirror.local) if mirror is not None and mirror.has_checkpoint() else None,
         ).with_log_tail(run.log_tail())
         run.status = run.receipt.outcome
         run.touch("done", error or "finished")

@@ -88,6 +88,10 @@ state() {
     return 0
   fi
   if [ $alive = 1 ]; then st=running
+  elif [ -f "$d/exit" ]; then
+    # The job ended between the first look and the pid check: its exit code is there now.
+    code=$(cat "$d/exit"); st=exited
+    if [ -f "$d/killed" ]; then st=killed; fi
   elif [ -f "$d/killed" ]; then st=killed
   elif [ -z "$pid" ] && [ -f "$d/starting" ]; then st=running
   else st=lost

@@ -467,6 +467,22 @@ async def admin_next_instance_fault(call: Call) -> Response:
     return JSONBody({"success": True, "armed": count})
 
 
+async def admin_outbid(call: Call) -> Response:
+    """A competitor outbids an interruptible instance now: `{"price": $/hr, "seconds": how long they stay}`."""
+    body = call.body_dict()
+    price, seconds = body.get("price"), body.get("seconds")
+    for name, value in (("price", price), ("seconds", seconds)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise SimError(400, "invalid_args", f"{name} must be a positive number")
+    await call.cloud.outbid(call.int_param("id"), price, seconds)
+    return JSONBody({"success": True})
+
+
+async def admin_fail_host(call: Call) -> Response:
+    await call.cloud.fail_host(call.int_param("id"))
+    return JSONBody({"success": True})
+
+
 # --- routing ------------------------------------------------------------------------------------------------------
 
 _ID = r"(?P<id>\d+)"
@@ -522,6 +538,8 @@ ADMIN_ROUTES: tuple[_Route, ...] = (
     _r("POST", "/_sim/faults/route", admin_route_fault, NONE),
     _r("POST", f"/_sim/faults/instance/{_ID}", admin_instance_fault, NONE),
     _r("POST", "/_sim/faults/next_instance", admin_next_instance_fault, NONE),
+    _r("POST", f"/_sim/instances/{_ID}/outbid", admin_outbid, NONE),
+    _r("POST", f"/_sim/instances/{_ID}/fail", admin_fail_host, NONE),
 )
 
 

@@ -86,6 +86,8 @@ class InstanceFaults:
     price_multiplier: float | None = None  # created at this multiple of the offer's price (see the module doc)
     status_error: str | None = None  # after the pull, stays `loading` with this status_msg (e.g. a bad image tag)
     intended_stop_after: float | None = None  # seconds after `running`, the intended status turns `stopped`
+    outbid_after: float | None = None  # seconds after `running`, a competitor outbids an interruptible instance
+    outbid_for: float | None = None  # how long that competitor stays (None: until the instance is destroyed)
 
     def __post_init__(self) -> None:
         m = self.price_multiplier

@@ -122,6 +122,7 @@ class SimInstance:
     destroyed: bool = False
     destroyed_at: float | None = None
     running_since: float | None = None
+    outbid_by: float | None = None  # a competitor's bid for the machine, while it is there (interruptible only)
     cost: float = 0.0
     bill_mark: float = 0.0
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
@@ -575,6 +576,49 @@ class SimCloud:
                 f"error 400/1785: bid price {bid:g} is below the minimum {float(inst.offer['min_bid']):g}",
             )
         inst.bid_price = bid
+        if inst.outbid_by is not None and bid > inst.outbid_by:
+            self._bid_wins(inst)
+
+    # --- the bid market ---------------------------------------------------------------------------------------
+
+    async def outbid(self, instance_id: int, price: float | None = None, seconds: float | None = None) -> None:
+        """Another renter bids `price` $/hr for an interruptible instance's machine (default: 10% over its bid).
+        A higher bid stops the instance, as on Vast: actual status `stopped` while the intended status stays
+        `running`, the disk kept and billed. It starts again when its bid is the highest again: the competitor
+        leaves after `seconds` (None: stays until the instance is destroyed), or the bid is raised above theirs."""
+        inst = self.require(instance_id)
+        if inst.bid_price is None:
+            raise SimError(400, "invalid_args", f"Instance {instance_id} is on-demand; only bids can be outbid.")
+        competitor = round(inst.bid_price * 1.1 + 0.0001, 4) if price is None else float(price)
+        if competitor <= inst.bid_price:
+            return
+        inst.outbid_by = competitor
+        if inst.actual_status != "stopped":
+            await self._stop_lifecycle(inst)
+            await self._stop_host(inst)
+            inst.cur_state = "stopped"
+            await self._set_status(inst, "stopped", f"outbid: another renter bids ${competitor:.4f}/hr")
+        if seconds is not None and self._tg is not None:
+            self._tg.start_soon(self._competitor_leaves, inst, competitor, seconds)
+
+    async def _competitor_leaves(self, inst: SimInstance, competitor: float, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        if inst.outbid_by == competitor:
+            self._bid_wins(inst)
+
+    def _bid_wins(self, inst: SimInstance) -> None:
+        """Our bid is the highest again: a stopped interruptible instance starts again (its disk was kept)."""
+        inst.outbid_by = None
+        if not inst.destroyed and inst.actual_status == "stopped" and inst.intended_status == "running":
+            inst.cur_state = "running"
+            self._start_lifecycle(inst, first_boot=False)
+
+    async def fail_host(self, instance_id: int) -> None:
+        """The host dies under the instance: its processes end and Vast shows it `offline` until destroyed."""
+        inst = self.require(instance_id)
+        await self._stop_lifecycle(inst)
+        await self._stop_host(inst)
+        await self._set_status(inst, "offline", "host is offline: lost contact with the machine")
 
     async def attach_key(self, instance_id: int, key: str) -> None:
         inst = self.require(instance_id)
@@ -902,6 +946,8 @@ class SimCloud:
             events.append((inst.faults.host_key_change_after, "rotate"))
         if inst.faults.exit_after is not None:
             events.append((inst.faults.exit_after, "exit"))
+        if inst.faults.outbid_after is not None and inst.is_bid and inst.outbid_by is None:
+            events.append((inst.faults.outbid_after, "outbid"))
         elapsed = 0.0
         for at, what in sorted(events):
             await anyio.sleep(max(0.0, at - elapsed))
@@ -911,6 +957,11 @@ class SimCloud:
                 inst.intended_status = "stopped"
                 await self._log(inst, "intended status: stopped")
                 continue
+            if what == "outbid":
+                # Not awaited here: stopping the instance cancels this very task.
+                assert self._tg is not None
+                self._tg.start_soon(self.outbid, inst.id, None, inst.faults.outbid_for)
+                return
             if what == "rotate":
                 await self._bounded(inst.host.rotate_host_key())
                 await self._log(inst, "host key changed")

@@ -28,6 +28,9 @@ class RunOffer(BaseModel):
     countries: Countries = None
     query: OfferQuery = ""
     disk_gb: DiskGb = 32.0
+    interruptible: Annotated[
+        bool, Field(description="Bid instead (cheaper; stopped when outbid, then resumed on another machine).")
+    ] = False
 
 
 class RunOptions(BaseModel):
@@ -53,6 +56,14 @@ class RunOptions(BaseModel):
     max_tries: Annotated[int, Field(ge=1, le=MAX_TRIES, description="Machines to try if one fails to start.")] = (
         MAX_TRIES
     )
+    checkpoint_dir: Annotated[
+        str | None,
+        Field(
+            max_length=1000,
+            description="Job's checkpoint folder (relative to remote_dir), copied home while it runs; a lost machine "
+            "is replaced and the job restarted with VAST_MCP_RESUME=1.",
+        ),
+    ] = None
 
 
 OFFER_KEYS = frozenset(RunOffer.model_fields)

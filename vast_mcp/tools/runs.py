@@ -87,6 +87,7 @@ async def _plan_run_job(
                 min_reliability=machine.min_reliability,
                 countries=machine.countries,
             )
+            service = await service_of(ctx)
             spec = RunSpec(
                 command=command,
                 image=image if image is not None or template_hash is not None else DEFAULT_RUN_IMAGE,
@@ -107,10 +108,14 @@ async def _plan_run_job(
                 keep_on_failure=opts.keep_on_failure,
                 ready_timeout_s=opts.ready_timeout_s,
                 max_tries=opts.max_tries,
+                checkpoint_dir=opts.checkpoint_dir,
+                checkpoint_every_s=service.settings.checkpoint_every_s,
+                interruptible=machine.interruptible,
+                bid_margin=service.settings.bid_margin,
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
-            plan = await plan_run(await service_of(ctx), spec, allow_cap_raise=can_elicit(ctx))
+            plan = await plan_run(service, spec, allow_cap_raise=can_elicit(ctx))
             return _RunPlanning(spec=spec, plan=plan)
     except ToolError as exc:
         return _RunPlanning(error=str(exc))
