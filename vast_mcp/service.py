@@ -343,6 +343,12 @@ class Service:
             offers = sorted(offers, key=lambda o: not o.direct_port_count)
         return OffersResult(disk_gb=disk_gb, offers=[offer_row(i, o) for i, o in enumerate(offers[:limit], 1)])
 
+    def remember_offers(self, offers: list[Offer], disk_gb: float) -> None:
+        """Offers found by a search made elsewhere (multi-node planning), so quoting them needs no search each."""
+        now = self.quotes.clock()
+        for offer in offers:
+            self._found[offer.id] = (now, disk_gb, offer)
+
     async def _offer(self, offer_id: int, disk_gb: float) -> Offer:
         """The offer as Vast prices it now: from a search of the last minute when there was one (Vast allows about
         ten searches a minute, and a failover would otherwise spend one per candidate), else searched by id."""

@@ -37,6 +37,7 @@ from .errors import (
 )
 from .framing import DATA_BUDGET, RESULT_CAP, json_size, shown_size, visible
 from .ledger import LedgerInstance
+from .multinode import group_question, plan_group, run_group
 from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
 from .results import (
@@ -93,6 +94,7 @@ class RunSpec:
     keep_on_failure: bool = False
     ready_timeout_s: float = 300.0
     max_tries: int = MAX_TRIES
+    nodes: int = 1  # above 1: one torchrun job across that many machines of one cluster (`multinode.py`)
 
     @property
     def moves_data(self) -> bool:
@@ -131,6 +133,8 @@ class RunSpec:
             "ready_timeout_s": self.ready_timeout_s,
             "max_tries": self.max_tries,
         }
+        if self.nodes > 1:
+            data["nodes"] = self.nodes
         return request_digest(["run", data])
 
     def script(self) -> str:
@@ -161,6 +165,8 @@ class RunPlan:
 
     def question(self, cap_words: str = "") -> str:
         """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
+        if self.spec.nodes > 1:
+            return group_question(self, cap_words)
         q = self.quote
         tries = self.spec.max_tries
         failover = (
@@ -205,6 +211,8 @@ class RunPlan:
 async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = False) -> RunPlan:
     """Check the local paths, find the cheapest matching offers and quote the best one (caps checked; the
     session's spend cap may be one the user is asked to raise, with `allow_cap_raise`)."""
+    if spec.nodes > 1:
+        return await plan_group(service, spec)
     for path in spec.uploads:
         service.local_path(path, must_exist=True)
     if spec.results_dir is not None:
@@ -487,6 +495,9 @@ class RunBook:
 
     async def _workflow(self, run: Run) -> None:
         try:
+            if run.spec.nodes > 1:
+                await run_group(self, run)
+                return
             current = await self._rent(run)
             await self._job(run, current)
         except _RunFailed as exc:

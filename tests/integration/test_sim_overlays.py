@@ -140,7 +140,7 @@ async def test_members_reach_each_other_and_outsiders_cannot(sshd_cloud: SimClou
     # Node 0 listens on its overlay address; node 1 connects to it there and gets its answer.
     server = (
         "python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1], 29500)); s.listen(); "
-        "c,_=s.accept(); c.sendall(b\"hello from node 0\"); c.close()' " + addresses[0] + " >/dev/null 2>&1 &"
+        'c,_=s.accept(); c.sendall(b"hello from node 0"); c.close()\' ' + addresses[0] + " >/dev/null 2>&1 &"
     )
     client = (
         "python3 -c 'import socket,sys; s=socket.create_connection((sys.argv[1], 29500), timeout=3); "

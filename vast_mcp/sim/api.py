@@ -259,7 +259,7 @@ async def join_overlay(call: Call) -> Response:
 
 async def delete_overlay(call: Call) -> Response:
     body = call.body_dict()
-    ident = {k: body[k] for k in ("overlay_id", "overlay_name") if k in body}
+    ident: dict[str, Any] = {k: body[k] for k in ("overlay_id", "overlay_name") if k in body}
     if not ident:
         raise SimError(400, "invalid_args", "error 400/1782: Invalid args: give overlay_id or overlay_name")
     overlay = await call.cloud.overlays.delete(ident)

@@ -8,8 +8,10 @@ only; the in-process backend (no root) refuses, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +116,7 @@ class OverlayBook:
         overlay.members[instance_id] = address
         return overlay
 
-    async def delete(self, ident: dict[str, Any]) -> Overlay:
+    async def delete(self, ident: Mapping[str, Any]) -> Overlay:
         from .state import SimError
 
         if "overlay_id" in ident:
@@ -188,10 +190,9 @@ class OverlayBook:
         inst = self._cloud.instances.get(instance_id)
         if inst is not None and not inst.destroyed:
             host: Any = inst.host
-            try:
+            # If this fails the instance is stopping anyway; its next boot writes its own shell back.
+            with contextlib.suppress(SimHostError, OSError, TimeoutError):
                 await self._bounded_call(host.use_network(None))
-            except (SimHostError, OSError, TimeoutError):
-                pass  # the instance is stopping anyway; its next boot writes its own shell back
         await member.end()
 
     async def _bounded_call(self, awaitable: Any) -> Any:

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from ..approval import Pending, Refusal, YesNo, read_answer
 from ..image_ref import check_image
+from ..multinode import MAX_NODES
 from ..results import (
     RunView,
 )
@@ -82,6 +83,7 @@ async def _plan_run_job(
     max_tries: int,
     quote_id: str | None,
     ctx: Context[AppState, Any],
+    nodes: int = 1,
 ) -> _RunPlanning:
     """Price the run (search, quote, ceiling) once per call round, for both the question and the tool body.
 
@@ -94,6 +96,8 @@ async def _plan_run_job(
                 raise ToolError("Give at most one of image or template_hash.")
             if image is not None:
                 check_image(image)
+            if nodes > 1 and keep_on_failure:
+                raise ToolError("keep_on_failure is for one machine; a multi-node run always destroys its nodes.")
             filters = OfferFilters(
                 gpu_name=gpu_name,
                 num_gpus=num_gpus,
@@ -122,6 +126,7 @@ async def _plan_run_job(
                 keep_on_failure=keep_on_failure,
                 ready_timeout_s=ready_timeout_s,
                 max_tries=max_tries,
+                nodes=nodes,
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
@@ -224,6 +229,15 @@ def register(mcp: MCPServer) -> None:
             int, Field(ge=1, le=MAX_TRIES, description="Machines to try, one after the other, if one fails to start.")
         ] = MAX_TRIES,
         quote_id: QuoteId = None,
+        nodes: Annotated[
+            int,
+            Field(
+                ge=1,
+                le=MAX_NODES,
+                description="Machines of one cluster for one torchrun job: command is what torchrun launches on "
+                "each; results come from rank 0, 'all-ranks:PATH' from every node.",
+            ),
+        ] = 1,
     ) -> Annotated[CallToolResult, RunView]:
         """Run a whole GPU job in one call: rent → upload → setup → run → follow the log → download → destroy.
 
