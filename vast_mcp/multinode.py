@@ -130,34 +130,37 @@ async def plan_group(service: Service, spec: RunSpec) -> RunPlan:
     return RunPlan(spec, quote, ceiling, why)
 
 
-async def check_group_caps(service: Service, spec: RunSpec, ceiling: float) -> None:
-    """The caps apply to the group as a whole: N more instances, N × the ceiling for the max runtime."""
+async def check_group_caps(service: Service, spec: RunSpec, ceiling: float, count: int | None = None) -> None:
+    """The caps apply to the group as a whole: N more instances, N × the ceiling for the max runtime (N is the
+    node count, or `count` machines of a sweep)."""
+    n = spec.nodes if count is None else count
     caps = service.settings.caps
     live = await service.ledger.live_count(service.session_id)
     committed = (await service.ledger.spend(service.session_id)).committed
     restart = "and restart the server"
-    if caps.max_instances is not None and live + spec.nodes > caps.max_instances:
+    if caps.max_instances is not None and live + n > caps.max_instances:
         raise CapExceededError(
-            f"This job needs {spec.nodes} machines at once and the session has {live} already; "
-            f"VAST_MCP_MAX_INSTANCES={caps.max_instances}. Use fewer nodes, or raise VAST_MCP_MAX_INSTANCES {restart}.",
+            f"This needs {n} machines at once and the session has {live} already; "
+            f"VAST_MCP_MAX_INSTANCES={caps.max_instances}. Use fewer machines, or raise VAST_MCP_MAX_INSTANCES "
+            f"{restart}.",
             cap="VAST_MCP_MAX_INSTANCES",
             limit=caps.max_instances,
-            value=live + spec.nodes,
+            value=live + n,
         )
     if caps.max_dph is not None and ceiling > caps.max_dph + PRICE_EPSILON:
         raise CapExceededError(
-            f"A machine of this job may cost up to ${ceiling:.3f}/hr, above VAST_MCP_MAX_DPH=${caps.max_dph:.3f}/hr. "
+            f"A machine may cost up to ${ceiling:.3f}/hr, above VAST_MCP_MAX_DPH=${caps.max_dph:.3f}/hr. "
             f"Give max_dph at or below it, or raise VAST_MCP_MAX_DPH {restart}.",
             cap="VAST_MCP_MAX_DPH",
             limit=caps.max_dph,
             value=ceiling,
         )
-    total = spec.nodes * ceiling * spec.max_runtime_h
+    total = n * ceiling * spec.max_runtime_h
     cap = service.session_cap
     if cap is not None and committed + total > cap + PRICE_EPSILON:
         raise CapExceededError(
-            f"{spec.nodes} machines × ${ceiling:.3f}/hr × {spec.max_runtime_h:g} h commits ${total:.2f} on top of "
-            f"${committed:.2f} already committed, over VAST_MCP_MAX_SESSION_USD=${cap:.2f}. Use fewer nodes or a "
+            f"{n} machines × ${ceiling:.3f}/hr × {spec.max_runtime_h:g} h commits ${total:.2f} on top of "
+            f"${committed:.2f} already committed, over VAST_MCP_MAX_SESSION_USD=${cap:.2f}. Use fewer machines or a "
             f"shorter max runtime, or raise VAST_MCP_MAX_SESSION_USD {restart}.",
             cap="VAST_MCP_MAX_SESSION_USD",
             limit=cap,

@@ -51,6 +51,7 @@ from .results import (
     watchdog_warning,
 )
 from .service import CreateRequest, Progress, Service, quote_view
+from .sweep import plan_sweep, sweep_question
 from .vast.query import OfferFilters
 
 log = logging.getLogger("vast_mcp.workflow")
@@ -95,6 +96,7 @@ class RunSpec:
     ready_timeout_s: float = 300.0
     max_tries: int = MAX_TRIES
     nodes: int = 1  # above 1: one torchrun job across that many machines of one cluster (`multinode.py`)
+    sweep: tuple[str, ...] = ()  # one run per entry, all at once, with $SWEEP_ARG set (`sweep.py`)
 
     @property
     def moves_data(self) -> bool:
@@ -135,6 +137,8 @@ class RunSpec:
         }
         if self.nodes > 1:
             data["nodes"] = self.nodes
+        if self.sweep:
+            data["sweep"] = self.sweep
         return request_digest(["run", data])
 
     def script(self) -> str:
@@ -167,6 +171,8 @@ class RunPlan:
         """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
         if self.spec.nodes > 1:
             return group_question(self, cap_words)
+        if self.spec.sweep:
+            return sweep_question(self, cap_words)
         q = self.quote
         tries = self.spec.max_tries
         failover = (
@@ -213,6 +219,8 @@ async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = F
     session's spend cap may be one the user is asked to raise, with `allow_cap_raise`)."""
     if spec.nodes > 1:
         return await plan_group(service, spec)
+    if spec.sweep:
+        return await plan_sweep(service, spec)
     for path in spec.uploads:
         service.local_path(path, must_exist=True)
     if spec.results_dir is not None:

@@ -113,9 +113,7 @@ async def test_two_node_torchrun_trains_with_all_reduce(cluster_server: SimServe
     settings = make_settings(cluster_server, tmp_path / "state")
     seen: list[str] = []
     async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept", seen=seen)) as c:
-        started = await call(
-            c, "run_job", _args(project, command="ddp/train.py", results=["out", "all-ranks:out"])
-        )
+        started = await call(c, "run_job", _args(project, command="ddp/train.py", results=["out", "all-ranks:out"]))
         assert started["status"] == "running", started
         final, log = await follow(c, started["run_id"])
         assert not alive(cluster_server), "the run destroys every node itself"

@@ -18,6 +18,7 @@ from ..multinode import MAX_NODES
 from ..results import (
     RunView,
 )
+from ..sweep import MAX_SWEEP, start_sweep
 from ..vast.query import OfferFilters
 from ..workflow import MAX_TRIES, RunPlan, RunSpec, plan_run
 from .common import (
@@ -84,6 +85,7 @@ async def _plan_run_job(
     quote_id: str | None,
     ctx: Context[AppState, Any],
     nodes: int = 1,
+    sweep: list[str] | None = None,
 ) -> _RunPlanning:
     """Price the run (search, quote, ceiling) once per call round, for both the question and the tool body.
 
@@ -98,6 +100,8 @@ async def _plan_run_job(
                 check_image(image)
             if nodes > 1 and keep_on_failure:
                 raise ToolError("keep_on_failure is for one machine; a multi-node run always destroys its nodes.")
+            if sweep and (nodes > 1 or keep_on_failure):
+                raise ToolError("A sweep runs each entry on one machine: give it without nodes or keep_on_failure.")
             filters = OfferFilters(
                 gpu_name=gpu_name,
                 num_gpus=num_gpus,
@@ -127,6 +131,7 @@ async def _plan_run_job(
                 ready_timeout_s=ready_timeout_s,
                 max_tries=max_tries,
                 nodes=nodes,
+                sweep=tuple(sweep or ()),
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
@@ -238,6 +243,15 @@ def register(mcp: MCPServer) -> None:
                 "each; results come from rank 0, 'all-ranks:PATH' from every node.",
             ),
         ] = 1,
+        sweep: Annotated[
+            list[Annotated[str, Field(max_length=1000)]] | None,
+            Field(
+                min_length=1,
+                max_length=MAX_SWEEP,
+                description="One run per entry, all at once on separate machines, with $SWEEP_ARG set to the entry; "
+                "one approval covers all.",
+            ),
+        ] = None,
     ) -> Annotated[CallToolResult, RunView]:
         """Run a whole GPU job in one call: rent → upload → setup → run → follow the log → download → destroy.
 
@@ -282,8 +296,10 @@ def register(mcp: MCPServer) -> None:
                     return tool_result(pending, pending.summary())
                 grant = decision
             book = await runs_of(ctx)
-            run = book.start(spec, grant)
-            result = await book.view(run, with_approval=True)
+            runs = await start_sweep(book, spec, grant) if spec.sweep else [book.start(spec, grant)]
+            result = await book.view(runs[0], with_approval=True)
+            if spec.sweep:
+                result.sweep_runs = [r.id for r in runs]
         return tool_result(result, result.summary())
 
     @tool(mcp, "Follow a run", read_only=True, destructive=False, idempotent=True, open_world=False)
