@@ -181,6 +181,7 @@ class Service:
         self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
         self._watchdog_locks: dict[int, anyio.Lock] = {}
         self._create_lock = anyio.Lock()
+        self._create_send_lock = anyio.Lock()
         self._cap_warned = False
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
         self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
@@ -478,15 +479,18 @@ class Service:
         await progress(1, 3, f"renting offer {quote.offer_id}")
         params = request.params()
         try:
-            created = await self.client.create_instance(
-                request.offer_id,
-                image=request.image,
-                template_hash=request.template_hash,
-                disk_gb=request.disk_gb,
-                label=row.label,
-                onstart=self._onstart(request, template_onstart),
-                env=params["env"],
-            )
+            # One create in flight per session: Vast allows about one per 4.5 s, so many at once (a sweep) would
+            # spend their call budgets waiting in the client's route queue; here each waits its turn instead.
+            async with self._create_send_lock:
+                created = await self.client.create_instance(
+                    request.offer_id,
+                    image=request.image,
+                    template_hash=request.template_hash,
+                    disk_gb=request.disk_gb,
+                    label=row.label,
+                    onstart=self._onstart(request, template_onstart),
+                    env=params["env"],
+                )
         except (OfferUnavailableError, ConsentError) as exc:
             await self.ledger.mark_create_failed(row.row_id, str(exc))
             raise

@@ -63,9 +63,10 @@ def sweep_question(plan: RunPlan, cap_words: str = "") -> str:
     return (
         f"Run a sweep: {k} runs of `{command}`, each on its own machine at once, with ${SWEEP_VAR} set to one "
         f"entry each ({', '.join(spec.sweep[:3])}{', …' if k > 3 else ''}). {k} runs × at most "
-        f"${plan.ceiling_dph:.3f}/hr ({plan.ceiling_why}; the cheapest is {q.describe()}) × {spec.max_runtime_h:g} h "
-        f"= at most ${total:,.2f} in all. Each machine is destroyed when its run ends; one that fails to start may "
-        f"be replaced within the same price.{cap_words}"
+        f"${plan.ceiling_dph:.3f}/hr ({plan.ceiling_why}; the cheapest match is {q.gpu} at ${q.dph:.3f}/hr) × "
+        f"{spec.max_runtime_h:g} h = at most ${total:,.2f} in all, image {spec.image or spec.template_hash}. Each "
+        f"machine is destroyed when its run ends; one that fails to start may be replaced within the same "
+        f"price.{cap_words}"
     )
 
 
