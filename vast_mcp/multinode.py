@@ -232,6 +232,9 @@ async def run_group(book: RunBook, run: Run) -> None:
             refused=refused,
         )
     except GroupFailed as exc:
+        for node in group.nodes:
+            if node.attempt.outcome == "starting":
+                node.attempt.outcome, node.attempt.reason = "failed", "destroyed with its group, which could not start"
         await _teardown(book, run, group)
         await book._finish(run, "failed", str(exc))
 
@@ -374,7 +377,7 @@ async def _upload(book: RunBook, run: Run, group: _Group) -> None:
         raise GroupFailed(f"The upload to node {rank} failed: {errors[rank]}")
 
 
-def node_command(spec: RunSpec, rank: int, master: str, nproc: int, run_id: str) -> str:
+def node_command(spec: RunSpec, rank: int, master: str, nproc: int) -> str:
     """torchrun for node `rank`, with the user's command as what it launches."""
     return (
         f"torchrun --nnodes={spec.nodes} --node_rank={rank} --nproc_per_node={nproc} "
@@ -390,7 +393,7 @@ async def _train(book: RunBook, run: Run, group: _Group) -> str | None:
     run.touch("running", f"starting torchrun on {len(group.nodes)} nodes (rendezvous {master}:{MASTER_PORT})")
     for node in group.nodes:
         nproc = max(1, _gpus(node.attempt.gpu))
-        node_spec = dataclasses.replace(spec, command=node_command(spec, node.rank, master, nproc, run.id))
+        node_spec = dataclasses.replace(spec, command=node_command(spec, node.rank, master, nproc))
         env = {**spec.env, "GLOO_SOCKET_IFNAME": node.iface or "", "NCCL_SOCKET_IFNAME": node.iface or ""}
         try:
             job = await service.start_job(node.iid, node_spec.script(), workdir=None, env=env, secrets=spec.secrets)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import alive, answering, call, make_settings, sim_instances
+from e2e_helpers import alive, answering, arm_fault, call, make_settings, sim_instances
 from mcp import Client
 from test_run_job import follow
 
@@ -168,3 +168,20 @@ async def test_no_cluster_big_enough_is_explained_before_anyone_is_asked(
     message = result.content[0].text  # type: ignore[union-attr]
     assert "No physical cluster has 9 free machines" in message and "cluster_id" in message
     assert not sim_instances(cluster_server)
+
+
+async def test_a_node_that_never_boots_fails_the_run_before_any_job(cluster_server: SimServer, tmp_path: Path) -> None:
+    project = _project(tmp_path, "print('never runs')\n")
+    settings = make_settings(cluster_server, tmp_path / "state")
+    arm_fault(cluster_server, "next_instance", {"never_boots": True, "stuck_for": 0.5})
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py", ready_timeout_s=10))
+        final, log = await follow(c, started["run_id"])
+        assert not alive(cluster_server)
+    assert final["status"] == "failed" and log == ""
+    error = final["receipt"]["error"]
+    assert "Node 0 (instance" in error and "did not start" in error, error
+    first, second = final["tries"]
+    assert first["outcome"] == "failed" and second["outcome"] == "failed" and "with its group" in second["reason"]
+    assert first["destroyed"] and second["destroyed"] and final["receipt"]["destroyed"]
+    assert _overlays(cluster_server) == [], "no overlay was made for a group that never came up"
