@@ -32,7 +32,6 @@ from .errors import (
     ConsentError,
     OfferUnavailableError,
     RemoteError,
-    TransferError,
     VastAPIError,
     VastMCPError,
 )
@@ -197,7 +196,7 @@ class _Node:
     address: str | None = None
     job_id: str | None = None
     exit_code: int | None = None
-    state: str = "starting"
+    state: str = "running"  # the job's, once started: running until its log says otherwise
 
     @property
     def iid(self) -> int:
@@ -289,7 +288,10 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
     reasons: dict[int, str] = {}
 
     async def ready(node: _Node) -> None:
-        reason = await book._await_ready(run, node.attempt)
+        try:
+            reason = await book._await_ready(run, node.attempt)
+        except VastMCPError as exc:  # a bad API key, say: every node would say the same
+            reason = str(exc)
         if reason is not None:
             reasons[node.rank] = reason
 
@@ -321,14 +323,22 @@ async def _network(book: RunBook, run: Run, group: _Group, cluster_id: int) -> N
         subnet = next((o.get("internal_subnet") for o in await client.show_overlays() if o.get("name") == name), None)
     except VastAPIError as exc:
         raise GroupFailed(f"The overlay network between the nodes could not be set up: {exc}") from None
-    network = ipaddress.IPv4Network(str(subnet), strict=False) if subnet else None
+    try:
+        network = ipaddress.IPv4Network(str(subnet), strict=False) if subnet else None
+    except ValueError:
+        network = None  # an unreadable subnet: any private address on the node will do
+    failures: dict[int, str] = {}
 
     async def probe(node: _Node) -> None:
-        host = await book.service.connected(node.iid)
-        # A fresh connection: sessions opened before the join may not see the new network.
-        await host.aclose()
-        host = await book.service.connected(node.iid)
-        res = await host.run(_PROBE, time_limit=PROBE_S)
+        try:
+            host = await book.service.connected(node.iid)
+            # A fresh connection: sessions opened before the join may not see the new network.
+            await host.aclose()
+            host = await book.service.connected(node.iid)
+            res = await host.run(_PROBE, time_limit=PROBE_S)
+        except (RemoteError, VastMCPError) as exc:
+            failures[node.rank] = str(exc)
+            return
         for line in res.stdout.splitlines():
             parts = line.split()
             if len(parts) != 2:
@@ -342,12 +352,12 @@ async def _network(book: RunBook, run: Run, group: _Group, cluster_id: int) -> N
                 node.iface, node.address = parts[0], str(address)
                 return
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for node in group.nodes:
-                tg.start_soon(probe, node)
-    except (RemoteError, VastMCPError) as exc:
-        raise GroupFailed(f"The nodes' overlay addresses could not be read: {exc}") from None
+    async with anyio.create_task_group() as tg:
+        for node in group.nodes:
+            tg.start_soon(probe, node)
+    if failures:
+        rank = min(failures)
+        raise GroupFailed(f"Node {rank}'s overlay address could not be read: {failures[rank]}")
     lost = [n.rank for n in group.nodes if n.address is None]
     if lost:
         raise GroupFailed(
@@ -366,7 +376,7 @@ async def _upload(book: RunBook, run: Run, group: _Group) -> None:
         try:
             with anyio.fail_after(TRANSFER_BOUND_S):
                 await book.service.upload(node.iid, list(spec.uploads), spec.remote_dir, list(spec.exclude), False)
-        except (TransferError, RemoteError, VastAPIError, TimeoutError) as exc:
+        except (VastMCPError, TimeoutError) as exc:
             errors[node.rank] = str(exc) or "no progress within the bound"
 
     async with anyio.create_task_group() as tg:
@@ -436,7 +446,7 @@ async def _follow(book: RunBook, run: Run, group: _Group, node: _Node, scope: an
             chunk = await service.tail(
                 node.iid, node.job_id, cursor=cursor, wait=TAIL_WAIT_S, max_bytes=LOG_KEEP_BYTES, budget=None
             )
-        except (RemoteError, VastAPIError) as exc:
+        except VastMCPError as exc:
             failures += 1
             stopped = await book._stopped(node.iid)
             if stopped is not None or failures >= WATCH_FAILURES:
@@ -481,7 +491,7 @@ async def _stop_all(book: RunBook, group: _Group) -> None:
     """Stop every node's job that may still run (bounded: the machines are destroyed next anyway)."""
 
     async def stop(node: _Node) -> None:
-        if node.job_id is None or node.state != "starting":
+        if node.job_id is None or node.state != "running":
             return
         with anyio.move_on_after(STOP_S), contextlib.suppress(VastMCPError):
             await book.service.cancel(node.iid, node.job_id)
