@@ -12,8 +12,8 @@ import anyio
 import asyncssh
 import httpx2
 import pytest
-from conftest import asgi_client
 
+from vast_mcp.sim.api import create_app
 from vast_mcp.sim.hosts import select_backend, sshd_unavailable_reason
 from vast_mcp.sim.netns import network_unavailable_reason
 from vast_mcp.sim.state import SimCloud
@@ -22,6 +22,15 @@ pytestmark = pytest.mark.anyio
 
 UNAVAILABLE = sshd_unavailable_reason() or network_unavailable_reason()
 WAIT = 30.0
+
+
+def asgi_client(cloud: SimCloud) -> httpx2.AsyncClient:
+    """The simulated API with the account's key, over ASGI (no sockets)."""
+    return httpx2.AsyncClient(
+        transport=httpx2.ASGITransport(app=create_app(cloud)),
+        base_url="http://sim.test",
+        headers={"Authorization": f"Bearer {cloud.api_key}"},
+    )
 
 
 def _cluster(cloud: SimCloud, size: int) -> tuple[int, list[int]]:
