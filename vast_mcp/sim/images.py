@@ -343,8 +343,8 @@ def _under(prefix: str, target: str) -> str:
 
 
 def _write_torchrun(path: Path, folder: str) -> None:
-    """`torchrun` as the images install it: PyTorch's launcher run by the Python beside it (the host's Python,
-    which has torch when the machine has it: Debian's python3-torch, see the README)."""
+    """`torchrun` as the images install it: PyTorch's launcher run by the Python beside it (the machine's Python,
+    which has torch once `tests/run.sh` installed it; see the README)."""
     path.write_text(f'#!/bin/sh\nexec {folder}/python3 -m torch.distributed.run "$@"\n')
     path.chmod(0o755)
 

@@ -231,7 +231,7 @@ class NamespaceSshdHost(DiskHost):
             Path(top).mkdir(mode=0o755, exist_ok=True)  # a mount point on the host; stays empty there
         self._folders = [*COVERED, *tops]
         # Always a copy of its own, so joining an overlay can change root's shell in place (see `use_network`).
-        passwd = _passwd_with_shell(self.profile.login_shell) or _passwd_with_shell(self.profile.login_shell, True)
+        passwd = _passwd_with_shell(self.profile.login_shell, always=True)
         if passwd is None:
             (self.disk.host / "passwd").unlink(missing_ok=True)
         else:
