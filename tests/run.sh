@@ -19,11 +19,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 # PyTorch on CPU for the simulated instances' Python (the system python3, which the image profiles with torch run):
-# the multi-node tests launch a real two-node torchrun. The CPU build of torch 2.13.0; skipped once present. Where no
-# local CPU wheel exists, point pip at PyTorch's CPU index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
-# or it fetches the much bigger CUDA build. Debian's python3-torch (1.13) does not do: its torchrun fails on
-# Python 3.11 (its `--redirects` default no longer parses).
-if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+# the multi-node tests launch a real two-node torchrun. The CPU build of torch 2.13.0; skipped once a torch 2 is
+# present. Where no local CPU wheel exists, point pip at PyTorch's CPU index
+# (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) or it fetches the much bigger CUDA build. Debian's
+# python3-torch (1.13) does not do: its torchrun crashes on Python 3.11 (its `--redirects 0` default maps to nothing).
+torch2='import sys, torch; sys.exit(int(torch.__version__.split(".")[0]) < 2)'
+if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c "$torch2" 2>/dev/null; then
   echo "installing torch 2.13.0 (CPU) for the system python3"
   /usr/bin/python3 -m pip install -q --break-system-packages --disable-pip-version-check torch==2.13.0
 fi
