@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real OpenSSH is what the simulated cloud's instances run; rsync is the seed workflow's way in the benchmarks;
-# busybox-static is the BusyBox image profile's whole userland.
+# busybox-static is the BusyBox image profile's whole userland; iproute2 builds the simulator's overlay networks.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
-  for pkg in openssh-server openssh-client rsync busybox-static; do
+  for pkg in openssh-server openssh-client rsync busybox-static iproute2 python3-pip; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -16,6 +16,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+fi
+
+# PyTorch on CPU for the simulated instances' Python (the system python3, which the image profiles with torch run):
+# the multi-node tests launch a real two-node torchrun. The CPU build of torch 2.13.0; skipped once a torch 2 is
+# present. Where no local CPU wheel exists, point pip at PyTorch's CPU index
+# (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) or it fetches the much bigger CUDA build. Debian's
+# python3-torch (1.13) does not do: its torchrun crashes on Python 3.11 (its `--redirects 0` default maps to nothing).
+torch2='import sys, torch; sys.exit(int(torch.__version__.split(".")[0]) < 2)'
+if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c "$torch2" 2>/dev/null; then
+  echo "installing torch 2.13.0 (CPU) for the system python3"
+  /usr/bin/python3 -m pip install -q --break-system-packages --disable-pip-version-check torch==2.13.0
 fi
 
 # The MCP Inspector CLI is the client from outside this project that the end-to-end tests drive the server with.

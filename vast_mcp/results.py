@@ -411,6 +411,7 @@ class RunView(BaseModel):
     receipt: RunReceipt | None = None
     message: str | None = None
     warnings: list[str] = Field(default_factory=list, description="Problems found before the job started.")
+    sweep_runs: list[str] = Field(default_factory=list, description="Every run of a sweep; follow each one.")
     _log: str = PrivateAttr(default="")
 
     def with_log(self, text: str) -> RunView:
@@ -433,6 +434,8 @@ class RunView(BaseModel):
         if self.status == "declined":
             return self.message or "Declined; nothing was rented and nothing is billed."
         lines = [self._headline()]
+        if self.sweep_runs:
+            lines.append(f"Sweep of {len(self.sweep_runs)} runs, this is the first: {', '.join(self.sweep_runs)}.")
         lines += [f"WARNING: {w}" for w in self.warnings]
         if self.receipt is None or not self.receipt.machines:  # the receipt lists them itself
             lines += [f"  try {t.number}: {t.gpu} ${t.dph:.3f}/hr, {_try_words(t)}" for t in self.tries]

@@ -185,6 +185,7 @@ class Service:
         self._watchdog: dict[int, str] = {}  # "ok", or why an instance's dead-man's switch cannot work
         self._watchdog_locks: dict[int, anyio.Lock] = {}
         self._create_lock = anyio.Lock()
+        self._create_send_lock = anyio.Lock()
         self._cap_warned = False
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
         self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
@@ -350,6 +351,12 @@ class Service:
             offers = sorted(offers, key=lambda o: not o.direct_port_count)
         return OffersResult(disk_gb=disk_gb, offers=[offer_row(i, o) for i, o in enumerate(offers[:limit], 1)])
 
+    def remember_offers(self, offers: list[Offer], disk_gb: float) -> None:
+        """Offers found by a search made elsewhere (multi-node planning), so quoting them needs no search each."""
+        now = self.quotes.clock()
+        for offer in offers:
+            self._found[offer.id] = (now, disk_gb, offer)
+
     async def _offer(self, offer_id: int, disk_gb: float) -> Offer:
         """The offer as Vast prices it now: from a search of the last minute when there was one (Vast allows about
         ten searches a minute, and a failover would otherwise spend one per candidate), else searched by id."""
@@ -492,16 +499,19 @@ class Service:
         await progress(1, 3, f"renting offer {quote.offer_id}")
         params = request.params()
         try:
-            created = await self.client.create_instance(
-                request.offer_id,
-                image=request.image,
-                template_hash=request.template_hash,
-                disk_gb=request.disk_gb,
-                label=row.label,
-                onstart=self._onstart(request, template_onstart),
-                env=params["env"],
-                price=request.bid_price,
-            )
+            # One create in flight per session: Vast allows about one per 4.5 s, so many at once (a sweep) would
+            # spend their call budgets waiting in the client's route queue; here each waits its turn instead.
+            async with self._create_send_lock:
+                created = await self.client.create_instance(
+                    request.offer_id,
+                    image=request.image,
+                    template_hash=request.template_hash,
+                    disk_gb=request.disk_gb,
+                    label=row.label,
+                    onstart=self._onstart(request, template_onstart),
+                    env=params["env"],
+                    price=request.bid_price,
+                )
         except (OfferUnavailableError, ConsentError) as exc:
             await self.ledger.mark_create_failed(row.row_id, str(exc))
             raise

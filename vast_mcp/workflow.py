@@ -39,6 +39,7 @@ from .errors import (
 )
 from .framing import DATA_BUDGET, RESULT_CAP, json_size, shown_size, visible
 from .ledger import LedgerInstance
+from .multinode import group_question, plan_group, run_group
 from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
 from .results import (
@@ -52,6 +53,7 @@ from .results import (
     watchdog_warning,
 )
 from .service import CreateRequest, Progress, Service, quote_view
+from .sweep import plan_sweep, sweep_question
 from .vast.query import OfferFilters
 
 log = logging.getLogger("vast_mcp.workflow")
@@ -102,6 +104,8 @@ class RunSpec:
     checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S
     interruptible: bool = False  # bid instead of renting on demand (bids.py)
     bid_margin: float = 0.0  # fraction above the offer's minimum bid; the server's setting, shown to the user
+    nodes: int = 1  # above 1: one torchrun job across that many machines of one cluster (`multinode.py`)
+    sweep: tuple[str, ...] = ()  # one run per entry, all at once, with $SWEEP_ARG set (`sweep.py`)
 
     @property
     def recovers(self) -> bool:
@@ -151,6 +155,10 @@ class RunSpec:
             "interruptible": self.interruptible,
             "bid_margin": self.bid_margin if self.interruptible else None,
         }
+        if self.nodes > 1:
+            data["nodes"] = self.nodes
+        if self.sweep:
+            data["sweep"] = self.sweep
         return request_digest(["run", data])
 
     def script(self, *, resume: bool = False) -> str:
@@ -189,6 +197,10 @@ class RunPlan:
 
     def question(self, cap_words: str = "") -> str:
         """What the user approves. Built from the quote and the spec only, so asking twice asks the same thing."""
+        if self.spec.nodes > 1:
+            return group_question(self, cap_words)
+        if self.spec.sweep:
+            return sweep_question(self, cap_words)
         q = self.quote
         tries = self.spec.max_tries
         lost = " or is lost or stopped while the job runs" if self.spec.recovers else ""
@@ -241,6 +253,10 @@ class RunPlan:
 async def plan_run(service: Service, spec: RunSpec, *, allow_cap_raise: bool = False) -> RunPlan:
     """Check the local paths, find the cheapest matching offers and quote the best one (caps checked; the
     session's spend cap may be one the user is asked to raise, with `allow_cap_raise`)."""
+    if spec.nodes > 1:
+        return await plan_group(service, spec)
+    if spec.sweep:
+        return await plan_sweep(service, spec)
     for path in spec.uploads:
         service.local_path(path, must_exist=True)
     if spec.results_dir is not None:
@@ -552,6 +568,9 @@ class RunBook:
 
     async def _workflow(self, run: Run) -> None:
         try:
+            if run.spec.nodes > 1:
+                await run_group(self, run)
+                return
             if run.spec.checkpoint_dir is not None:
                 run.mirror = CheckpointMirror(run.spec.remote_checkpoint(), self._results_dir(run) / LOCAL_FOLDER)
             current = await self._rent(run)

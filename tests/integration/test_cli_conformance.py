@@ -276,3 +276,33 @@ def test_server_errors_surface_after_retries(vastai: VastaiRunner, sim_server: S
     result = vastai("show", "ssh-keys")
     assert "Failed with error 500" in result.stderr
     assert vastai("show", "ssh-keys", "--raw").stdout.strip() == "[]"
+
+
+# --- clusters and overlays --------------------------------------------------------------------------------------
+
+
+def test_cluster_search_and_overlay_routes_as_the_vastai_package_sends_them(
+    vastai: VastaiRunner, sim_server: SimServer
+) -> None:
+    """vastai 1.9.1 ships the overlay commands but leaves them out of its command line ("disabled for now"); the
+    requests they would send are the package's own `vastai.api.clusters` functions, driven here as its CLI would."""
+    from vastai.api import clusters
+    from vastai.api.client import VastClient
+
+    offers = _json(vastai("search", "offers", "cluster_id=7100", "--raw"))
+    assert len(offers) >= 2 and {o["cluster_id"] for o in offers} == {7100}
+    client = VastClient(api_key=sim_server.api_key, server_url=sim_server.url, retry=1)
+    created = clusters.create_overlay(client, cluster_id=7100, name="ddp")
+    assert created["success"] is True and "ddp" in created["msg"]
+    instance_id = _create(vastai, int(offers[0]["id"]))
+    joined = clusters.join_overlay(client, name="ddp", instance_id=instance_id)
+    assert joined["success"] is True
+    shown = clusters.show_overlays(client)
+    assert [(o["name"], o["cluster_id"], o["instances"]) for o in shown] == [("ddp", 7100, [instance_id])]
+    assert shown[0]["internal_subnet"].endswith("/24") and isinstance(shown[0]["overlay_id"], int)
+    by_id = clusters.delete_overlay(client, overlay_identifier=str(shown[0]["overlay_id"]))
+    assert by_id["success"] is True and clusters.show_overlays(client) == []
+    clusters.create_overlay(client, cluster_id=7100, name="again")
+    assert clusters.delete_overlay(client, overlay_identifier="again")["success"] is True
+    sent = [(e["method"], e["route"]) for e in _requests(sim_server) if "overlay" in e["route"]]
+    assert ("POST", "/api/v0/overlay") in sent and ("PUT", "/api/v0/overlay") in sent

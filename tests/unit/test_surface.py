@@ -34,7 +34,7 @@ BUDGETS = {
     "tail_log": 690,
     "cancel_job": 250,
     "run_command": 460,
-    "run_job": 3700,  # room for the run's next options (they belong in `offer` or `options`)
+    "run_job": 4000,  # nodes and sweep at the top level; further options belong in `offer` or `options`
     "run_status": 540,
 }
 

@@ -234,6 +234,38 @@ def _empty(*keys: str) -> Handler:
     return handler
 
 
+async def show_overlays(call: Call) -> Response:
+    # The CLI and SDK read a bare list here.
+    return JSONBody(call.cloud.overlays.rows())
+
+
+async def create_overlay(call: Call) -> Response:
+    body = call.body_dict()
+    overlay = await call.cloud.overlays.create(body.get("cluster_id"), body.get("name"))
+    return JSONBody(
+        {
+            "success": True,
+            "msg": f"Overlay network {overlay.name!r} created on cluster {overlay.cluster_id}.",
+            "overlay_id": overlay.id,
+        }
+    )
+
+
+async def join_overlay(call: Call) -> Response:
+    body = call.body_dict()
+    overlay = await call.cloud.overlays.join(body.get("name"), body.get("instance_id"))
+    return JSONBody({"success": True, "msg": f"Instance {body.get('instance_id')} joined overlay {overlay.name!r}."})
+
+
+async def delete_overlay(call: Call) -> Response:
+    body = call.body_dict()
+    ident: dict[str, Any] = {k: body[k] for k in ("overlay_id", "overlay_name") if k in body}
+    if not ident:
+        raise SimError(400, "invalid_args", "error 400/1782: Invalid args: give overlay_id or overlay_name")
+    overlay = await call.cloud.overlays.delete(ident)
+    return JSONBody({"success": True, "msg": f"Overlay {overlay.name!r} deleted."})
+
+
 async def reboot_instance(call: Call) -> Response:
     await call.cloud.reboot(call.int_param("id"))
     return JSONBody({"success": True})
@@ -521,6 +553,10 @@ API_ROUTES: tuple[_Route, ...] = (
     _r("GET", f"/api/v0/instances/{_ID}/ssh", instance_keys, USER),
     _r("POST", f"/api/v0/instances/{_ID}/ssh", attach_key, USER),
     _r("DELETE", f"/api/v0/instances/{_ID}/ssh/(?P<key_id>\\d+)", detach_key, USER),
+    _r("GET", "/api/v0/overlay", show_overlays, USER),
+    _r("POST", "/api/v0/overlay", create_overlay, USER),
+    _r("PUT", "/api/v0/overlay", join_overlay, USER),
+    _r("DELETE", "/api/v0/overlay", delete_overlay, USER),
     _r("GET", "/api/v0/ssh", list_keys, USER),
     _r("POST", "/api/v0/ssh", create_key, USER),
     _r("DELETE", f"/api/v0/ssh/{_ID}", delete_key, USER),

@@ -223,7 +223,27 @@ def build_catalog(seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
         for num_gpus in model.counts:
             offer_id += rng.randrange(7, 400)
             offers.append(_offer(rng, offer_id, model, num_gpus))
+    _assign_clusters(offers)
     return offers
+
+
+FIRST_CLUSTER_ID = 7_100
+
+
+def _assign_clusters(offers: list[dict[str, Any]]) -> None:
+    """Machines sold as the same model and GPU count form one physical cluster (`cluster_id`), in one place, so
+    several offers share a cluster as on Vast; the rest stand alone (`cluster_id` null). Done after the draw, so
+    every offer keeps the id, price and fields it had before clusters existed."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for offer in offers:
+        groups.setdefault((str(offer["gpu_name"]), int(offer["num_gpus"])), []).append(offer)
+    cluster_id = FIRST_CLUSTER_ID
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for offer in members:
+            offer["cluster_id"] = cluster_id
+        cluster_id += 1
 
 
 def storage_per_hour(offer: Mapping[str, Any], disk_gb: float) -> float:

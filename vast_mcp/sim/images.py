@@ -95,8 +95,10 @@ _CUDA_ENV = {
     "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
     "CUDA_VERSION": "12.1.1",
 }
-_CONDA: dict[str, tuple[str, ...]] = {"/opt/conda/bin": ("python", "python3", "pip", "conda")}
+_CONDA: dict[str, tuple[str, ...]] = {"/opt/conda/bin": ("python", "python3", "pip", "conda", "torchrun")}
 _VENV: dict[str, tuple[str, ...]] = {"/venv/main/bin": ("python", "python3", "pip")}
+# PyTorch's launcher, next to the Python that has torch (the images' pip installs it as a console script).
+_VENV_TORCH: dict[str, tuple[str, ...]] = {"/venv/main/bin": ("python", "python3", "pip", "torchrun")}
 
 _DEBIAN_SLIM = (*_COREUTILS, *_ESSENTIAL)
 _UBUNTU = (*_COREUTILS, *_ESSENTIAL)  # ubuntu:22.04 has no procps, curl, wget, python3, rsync, zstd, xz
@@ -177,7 +179,7 @@ VASTAI_PYTORCH = ImageProfile(
     name="vastai-pytorch",
     patterns=("vastai/pytorch*",),
     commands=VASTAI_BASE.commands,
-    extra_dirs=_VENV,
+    extra_dirs=_VENV_TORCH,
     container_env=VASTAI_BASE.container_env,
     bashrc=VASTAI_BASE.bashrc,
     notes="vastai/base-image with PyTorch in the /venv/main venv.",
@@ -316,6 +318,9 @@ def materialize(profile: ImageProfile, tree: Path, *, host_prefix: str = "") -> 
         target = tree / folder.lstrip("/")
         target.mkdir(parents=True, exist_ok=True)
         for name in links:
+            if name == "torchrun":
+                _write_torchrun(target / name, folder)
+                continue
             source = "pip3" if name == "pip" else name
             _link(target / name, host_prefix, host_command("python3" if source.startswith("python") else source))
         dirs.append(folder)
@@ -335,6 +340,13 @@ def _under(prefix: str, target: str) -> str:
     if real.startswith("/usr/"):
         return prefix + real.removeprefix("/usr")
     return real  # outside /usr (a stand-in interpreter): visible as is
+
+
+def _write_torchrun(path: Path, folder: str) -> None:
+    """`torchrun` as the images install it: PyTorch's launcher run by the Python beside it (the machine's Python,
+    which has torch once `tests/run.sh` installed it; see the README)."""
+    path.write_text(f'#!/bin/sh\nexec {folder}/python3 -m torch.distributed.run "$@"\n')
+    path.chmod(0o755)
 
 
 def _write_wrapper(path: Path, prefix: str, target: str | None) -> None:

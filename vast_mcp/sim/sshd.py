@@ -36,6 +36,7 @@ from .hosts import (
     process_state,
 )
 from .images import COVERED, materialize
+from .netns import Member, new_member, session_shell, write_shell
 from .relay import SERVICE_LOOP, Relay, pick_loopback_endpoint, wait_accepting
 
 # Inside every namespace the instance's disk is bound here first, so its files stay reachable after /root is
@@ -161,6 +162,27 @@ class NamespaceSshdHost(DiskHost):
             return []
         return pids_in_namespace(self._ns_id)
 
+    # --- overlay networks (see `netns.py`) -------------------------------------------------------------------
+
+    async def new_network(self) -> Member:
+        """A network namespace inside this running instance, for one overlay."""
+        async with self._get_lock():
+            if self._state != "running" or self._init_pid is None or not self._namespace_up():
+                raise SimHostError(f"instance {self.spec.instance_id} is not running; start it, then join it")
+            return await new_member(self.spec.instance_id, self._init_pid)
+
+    async def use_network(self, member: Member | None) -> None:
+        """From now on, SSH sessions start in `member`'s network namespace (None: back in the instance's own)."""
+        shell = self.profile.login_shell
+        wrapper = self.disk.host / "netsh"
+        if member is not None:
+            await anyio.to_thread.run_sync(write_shell, wrapper, session_shell(member, shell))
+            shell = str(MOUNT_POINT / "host" / "netsh")
+        passwd = _passwd_with_shell(shell, True)
+        if passwd is not None and (self.disk.host / "passwd").exists():
+            # In place: the file is bind-mounted over /etc/passwd inside the instance, by inode.
+            await anyio.Path(self.disk.host / "passwd").write_text(passwd)
+
     # --- internals -----------------------------------------------------------------------------------------
 
     def _namespace_up(self) -> bool:
@@ -208,7 +230,8 @@ class NamespaceSshdHost(DiskHost):
         for top in tops:
             Path(top).mkdir(mode=0o755, exist_ok=True)  # a mount point on the host; stays empty there
         self._folders = [*COVERED, *tops]
-        passwd = _passwd_with_shell(self.profile.login_shell)
+        # Always a copy of its own, so joining an overlay can change root's shell in place (see `use_network`).
+        passwd = _passwd_with_shell(self.profile.login_shell, always=True)
         if passwd is None:
             (self.disk.host / "passwd").unlink(missing_ok=True)
         else:
@@ -355,8 +378,9 @@ def _in_usr_view(path: Path) -> str:
     return str(USR_VIEW) + real.removeprefix("/usr") if real.startswith("/usr/") else real
 
 
-def _passwd_with_shell(shell: str) -> str | None:
-    """A copy of /etc/passwd with root's login shell set to `shell`, or None when it is that already."""
+def _passwd_with_shell(shell: str, always: bool = False) -> str | None:
+    """A copy of /etc/passwd with root's login shell set to `shell`, or None when it is that already (unless
+    `always`)."""
     try:
         with open("/etc/passwd") as fh:
             lines = fh.read().splitlines(keepends=True)
@@ -369,7 +393,7 @@ def _passwd_with_shell(shell: str) -> str | None:
             fields[6] = shell
             lines[i] = ":".join(fields) + "\n"
             changed = True
-    return "".join(lines) if changed else None
+    return "".join(lines) if changed or always else None
 
 
 def _unlocked_shadow() -> str | None:

@@ -31,6 +31,7 @@ from .catalog import DEFAULT_SEED, TEMPLATES, build_catalog, gpu_names, price_of
 from .faults import FaultBook, InstanceFaults
 from .hosts import Host, HostBackend, HostSpec, StateOnlyBackend
 from .images import profile_for
+from .overlays import OverlayBook
 from .pulls import STEPS, pull_message, pull_seconds
 from .relay import Relay
 from .search import number
@@ -219,6 +220,7 @@ class SimCloud:
         self._own_root = root_dir is None
         self.root_dir = root_dir or Path(tempfile.mkdtemp(prefix="vast-sim-"))
         self._tg: anyio.abc.TaskGroup | None = None
+        self.overlays = OverlayBook(self)
 
     # --- lifetime ---------------------------------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class SimCloud:
         try:
             with anyio.CancelScope(shield=True):
                 await self.destroy_all()
+                await self.overlays.aclose()
         finally:
             if tg is not None:
                 tg.cancel_scope.cancel()
@@ -261,6 +264,8 @@ class SimCloud:
         Instance ids keep counting up, because the `vastai` CLI caches SSH addresses per instance id.
         """
         await self.destroy_all()
+        await self.overlays.aclose()
+        self.overlays = OverlayBook(self)
         self.instances.clear()
         self._rented.clear()
         self.ssh_keys.clear()
@@ -738,7 +743,7 @@ class SimCloud:
             "ssh_idx": "1",
             "machine_dir_ssh_port": port,
             "public_ipaddr": "127.0.0.1",
-            "local_ipaddrs": "127.0.0.1",
+            "local_ipaddrs": " ".join(["127.0.0.1", *filter(None, [self.overlays.address_of(inst.id)])]),
             "direct_port_start": port if port is not None and direct else -1,
             "direct_port_end": port if port is not None and direct else -1,
             "direct_port_count": offer["direct_port_count"],
@@ -987,6 +992,7 @@ class SimCloud:
         inst.intended_status = "stopped"
         self._rented.pop(int(inst.offer["id"]), None)
         try:
+            await self.overlays.forget(inst)
             if inst.proxy is not None:
                 inst.proxy.target = None
                 await self._bounded(inst.proxy.close())

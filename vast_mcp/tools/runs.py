@@ -14,9 +14,11 @@ from pydantic import Field
 
 from ..approval import Pending, Refusal, YesNo, read_answer
 from ..image_ref import check_image
+from ..multinode import MAX_NODES
 from ..results import (
     RunView,
 )
+from ..sweep import MAX_SWEEP, start_sweep
 from ..vast.query import OfferFilters
 from ..workflow import RunPlan, RunSpec, plan_run
 from .common import (
@@ -64,6 +66,8 @@ async def _plan_run_job(
     options: RunOptions | None,
     quote_id: str | None,
     ctx: Context[AppState, Any],
+    nodes: int = 1,
+    sweep: list[str] | None = None,
 ) -> _RunPlanning:
     """Price the run (search, quote, ceiling) once per call round, for both the question and the tool body.
 
@@ -79,6 +83,15 @@ async def _plan_run_job(
                 raise ToolError("Give at most one of image or options.template_hash.")
             if image is not None:
                 check_image(image)
+            if nodes > 1 and opts.keep_on_failure:
+                raise ToolError("keep_on_failure is for one machine; a multi-node run always destroys its nodes.")
+            if nodes > 1 and (opts.checkpoint_dir is not None or machine.interruptible):
+                raise ToolError(
+                    "A multi-node run cannot recover a lost node yet: give nodes without options.checkpoint_dir "
+                    "and offer.interruptible."
+                )
+            if sweep and (nodes > 1 or opts.keep_on_failure):
+                raise ToolError("A sweep runs each entry on one machine: give it without nodes or keep_on_failure.")
             filters = OfferFilters(
                 gpu_name=machine.gpu_name,
                 num_gpus=machine.num_gpus,
@@ -112,6 +125,8 @@ async def _plan_run_job(
                 checkpoint_every_s=service.settings.checkpoint_every_s,
                 interruptible=machine.interruptible,
                 bid_margin=service.settings.bid_margin,
+                nodes=nodes,
+                sweep=tuple(sweep or ()),
             )
             if quote_id is not None:
                 return _RunPlanning(spec=spec)  # the honour system: the plan shown earlier is redeemed
@@ -166,6 +181,23 @@ def register(mcp: MCPServer) -> None:
         offer: Annotated[RunOffer | None, Field(description="Which machines (search_offers' filters).")] = None,
         options: Annotated[RunOptions | None, Field(description="Rarely needed.")] = None,
         quote_id: QuoteId = None,
+        nodes: Annotated[
+            int,
+            Field(
+                ge=1,
+                le=MAX_NODES,
+                description="Machines of one cluster for one torchrun job (command is its script); results from "
+                "rank 0, 'all-ranks:PATH' from every node.",
+            ),
+        ] = 1,
+        sweep: Annotated[
+            list[Annotated[str, Field(max_length=1000)]] | None,
+            Field(
+                min_length=1,
+                max_length=MAX_SWEEP,
+                description="One run per entry at once, each on its own machine with $SWEEP_ARG set; one approval.",
+            ),
+        ] = None,
     ) -> Annotated[CallToolResult, RunView]:
         """The whole job in one call: rent, upload, setup, run, download results, destroy. COSTS MONEY.
 
@@ -204,8 +236,10 @@ def register(mcp: MCPServer) -> None:
                     return tool_result(pending, pending.summary())
                 grant = decision
             book = await runs_of(ctx)
-            run = book.start(spec, grant)
-            result = await book.view(run, with_approval=True)
+            runs = await start_sweep(book, spec, grant) if spec.sweep else [book.start(spec, grant)]
+            result = await book.view(runs[0], with_approval=True)
+            if spec.sweep:
+                result.sweep_runs = [r.id for r in runs]
         return tool_result(result, result.summary())
 
     @tool(mcp, "Follow a run", read_only=True, destructive=False, idempotent=True, open_world=False)

@@ -356,6 +356,29 @@ class VastClient:
             raise VastAPIError("The offer search answered without an `offers` list. Try again.")
         return [_parse(Offer, row, "offer") for row in rows]
 
+    # --- overlay networks (multi-node jobs) --------------------------------------------------------------------
+
+    async def create_overlay(self, cluster_id: int, name: str) -> None:
+        """A private network on one physical cluster; instances of that cluster join it by name."""
+        await self.request("POST", "/overlay/", body={"cluster_id": int(cluster_id), "name": name}, idempotent=False)
+
+    async def join_overlay(self, name: str, instance_id: int) -> None:
+        await self.request("PUT", "/overlay/", body={"name": name, "instance_id": int(instance_id)})
+
+    async def show_overlays(self) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/overlay/")
+        if not isinstance(data, list):
+            raise VastAPIError("The overlay list answered without a list. Try again.")
+        return [row for row in data if isinstance(row, dict)]
+
+    async def delete_overlay(self, name: str) -> bool:
+        """Delete by name; False when it was already gone."""
+        try:
+            await self.request("DELETE", "/overlay/", body={"overlay_name": name})
+        except NotFoundError:
+            return False
+        return True
+
     # --- instances --------------------------------------------------------------------------------------------
 
     async def show_instance(self, instance_id: int) -> Instance | None:

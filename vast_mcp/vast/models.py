@@ -48,6 +48,7 @@ class Offer(VastModel):
     rentable: bool | None = None
     rented: bool | None = None
     duration: float | None = None  # seconds the host offers the machine for
+    cluster_id: int | None = None  # the physical cluster the machine is in; multi-node jobs need one
 
 
 class PortBinding(VastModel):

@@ -1,0 +1,187 @@
+"""`run_job(nodes=2)`: a real two-node `torchrun` (gloo on CPU, DDP) across two simulated instances joined by an
+overlay network, driven through the SDK's in-process `Client`; and a node that fails taking the group down.
+The simulated cloud's admin view and overlay list are the judges of what is left."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e_helpers import alive, answering, arm_fault, call, make_settings, sim_instances
+from mcp import Client
+from test_run_job import follow
+
+from vast_mcp.consent import Caps
+from vast_mcp.server import build_server
+from vast_mcp.sim.hosts import select_backend, sshd_unavailable_reason
+from vast_mcp.sim.images import host_command
+from vast_mcp.sim.netns import network_unavailable_reason
+from vast_mcp.sim.server import SimServer
+from vast_mcp.sim.state import SimCloud
+
+pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
+
+UNAVAILABLE = sshd_unavailable_reason() or network_unavailable_reason()
+BUDGET_DPH = 1.0
+
+TRAIN = """\
+import json, os
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+print(f"rank={rank} world_size={world}", flush=True)
+torch.manual_seed(0)  # the same data on every rank; DDP's all-reduce averages the gradients
+x = torch.randn(64, 8)
+y = x @ torch.arange(1.0, 9.0).unsqueeze(1)
+model = DDP(torch.nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+losses = []
+for step in range(40):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+# Every rank holds the same weights after all-reduce: check it across the group.
+w = model.module.weight.detach().clone()
+gathered = [torch.zeros_like(w) for _ in range(world)]
+dist.all_gather(gathered, w)
+same = all(torch.allclose(g, w) for g in gathered)
+print(f"rank={rank} first_loss={losses[0]:.4f} last_loss={losses[-1]:.4f} same_weights={same}", flush=True)
+os.makedirs("out", exist_ok=True)
+with open(f"out/rank{rank}.json", "w") as fh:
+    json.dump({"rank": rank, "world_size": world, "losses": losses, "same_weights": same}, fh)
+dist.destroy_process_group()
+"""
+
+
+def _torch_missing() -> str | None:
+    python = host_command("python3") or "python3"  # the Python the simulated instances run
+    probe = subprocess.run([python, "-c", "import torch.distributed.run"], capture_output=True, check=False)
+    return None if probe.returncode == 0 else f"{python} has no torch (tests/run.sh installs python3-torch)"
+
+
+@pytest.fixture
+def cluster_server(tmp_path: Path) -> Iterator[SimServer]:
+    why = UNAVAILABLE or _torch_missing()
+    if why is not None:
+        pytest.skip(f"multi-node runs need real instances on an overlay: {why}")
+    cloud = SimCloud(backend=select_backend("sshd"), boot_delay=0.05, root_dir=tmp_path / "sim")
+    with SimServer(cloud) as server:
+        yield server
+
+
+def _overlays(server: SimServer) -> list[dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{server.url}/api/v0/overlay/", headers={"Authorization": f"Bearer {server.api_key}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        rows: list[dict[str, Any]] = json.load(answer)
+    return rows
+
+
+def _project(root: Path, script: str) -> Path:
+    project = root / "ddp"
+    project.mkdir()
+    (project / "train.py").write_text(script)
+    return project
+
+
+def _args(project: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "command": "train.py",
+        "nodes": 2,
+        "max_runtime_hours": 1,
+        "disk_gb": 10,
+        "max_dph": BUDGET_DPH,
+        "upload": [str(project)],
+        **extra,
+    }
+
+
+async def test_two_node_torchrun_trains_with_all_reduce(cluster_server: SimServer, tmp_path: Path) -> None:
+    project = _project(tmp_path, TRAIN)
+    settings = make_settings(cluster_server, tmp_path / "state")
+    seen: list[str] = []
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept", seen=seen)) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py", results=["out", "all-ranks:out"]))
+        assert started["status"] == "running", started
+        final, log = await follow(c, started["run_id"])
+        assert not alive(cluster_server), "the run destroys every node itself"
+    assert len(seen) == 1, "one approval covers both machines"
+    assert "on 2 machines of one cluster" in seen[0] and "2 × $" in seen[0] and "/hr for up to 1 h" in seen[0]
+    assert final["status"] == "succeeded", log
+    # Every line carries its node's rank; both ranks saw a world of two.
+    assert re.search(r"^\[rank 0\] rank=0 world_size=2$", log, re.M), log
+    assert re.search(r"^\[rank 1\] rank=1 world_size=2$", log, re.M), log
+    assert all(line.startswith(("[rank 0] ", "[rank 1] ")) for line in log.splitlines())
+    results = Path(final["receipt"]["results_dir"])
+    # Plain paths come from rank 0 only; all-ranks: paths from every node, each into its own folder.
+    assert sorted(p.name for p in (results / "out").iterdir()) == ["rank0.json"]
+    for rank in (0, 1):
+        data = json.loads((results / f"rank-{rank}" / "out" / f"rank{rank}.json").read_text())
+        assert data["world_size"] == 2 and data["same_weights"] is True
+        assert data["losses"][-1] < data["losses"][0] / 10, "the loss falls"
+    nodes = final["tries"]
+    assert [t["outcome"] for t in nodes] == ["used", "used"] and all(t["destroyed"] for t in nodes)
+    rows = {r["id"]: r for r in sim_instances(cluster_server)}
+    assert sorted(rows) == sorted(t["instance_id"] for t in nodes)
+    assert all(r["destroyed"] and not r["alive_pids"] for r in rows.values())
+    assert _overlays(cluster_server) == [], "the overlay is deleted with the nodes"
+
+
+async def test_one_node_failing_fails_the_run_and_destroys_every_node(
+    cluster_server: SimServer, tmp_path: Path
+) -> None:
+    # Rank 1 fails at once; rank 0 would wait a long time: the run must stop it rather than wait.
+    script = "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(600)\nprint('late')\n"
+    project = _project(tmp_path, script)
+    settings = make_settings(cluster_server, tmp_path / "state")
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py"))
+        final, log = await follow(c, started["run_id"])
+        assert not alive(cluster_server)
+    assert final["status"] == "failed"
+    error = final["receipt"]["error"]
+    assert "node 1" in error and "other nodes were stopped" in error, error
+    assert "late" not in log
+    assert all(t["destroyed"] for t in final["tries"]) and _overlays(cluster_server) == []
+
+
+async def test_no_cluster_big_enough_is_explained_before_anyone_is_asked(
+    cluster_server: SimServer, tmp_path: Path
+) -> None:
+    settings = make_settings(cluster_server, tmp_path / "state", Caps(max_instances=None))
+    seen: list[str] = []
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept", seen=seen)) as c:
+        result = await c.call_tool("run_job", _args(tmp_path, nodes=9, upload=[]))
+    assert result.is_error and not seen
+    message = result.content[0].text  # type: ignore[union-attr]
+    assert "No physical cluster has 9 free machines" in message and "cluster_id" in message
+    assert not sim_instances(cluster_server)
+
+
+async def test_a_node_that_never_boots_fails_the_run_before_any_job(cluster_server: SimServer, tmp_path: Path) -> None:
+    project = _project(tmp_path, "print('never runs')\n")
+    settings = make_settings(cluster_server, tmp_path / "state")
+    arm_fault(cluster_server, "next_instance", {"never_boots": True, "stuck_for": 0.5})
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py", ready_timeout_s=10))
+        final, log = await follow(c, started["run_id"])
+        assert not alive(cluster_server)
+    assert final["status"] == "failed" and log == ""
+    error = final["receipt"]["error"]
+    assert "Node 0 (instance" in error and "did not start" in error, error
+    first, second = final["tries"]
+    assert first["outcome"] == "failed" and second["outcome"] == "failed" and "with its group" in second["reason"]
+    assert first["destroyed"] and second["destroyed"] and final["receipt"]["destroyed"]
+    assert _overlays(cluster_server) == [], "no overlay was made for a group that never came up"
