@@ -122,6 +122,7 @@ class _Pacer:
 
     def __init__(self) -> None:
         self._next = 0.0
+        self.carried = 0  # bytes passed in this direction, over all connections (what a link would have carried)
 
     async def wait(self, size: int, rate: int) -> None:
         now = time.monotonic()
@@ -150,6 +151,11 @@ class Relay(BackgroundService):
         # One pacer per direction, shared by every connection: a slow host is slow in total, not per stream.
         self._up = _Pacer()
         self._down = _Pacer()
+
+    def carried(self) -> tuple[int, int]:
+        """Bytes carried (to the server, to the clients) since the relay started: the wire's own count, SSH framing
+        included, for benchmarks that compare a transfer with what its link allows."""
+        return self._up.carried, self._down.carried
 
     async def serve(self, task_status: TaskStatus[Any]) -> None:
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0, backlog=256)
@@ -188,6 +194,7 @@ class Relay(BackgroundService):
                     _abort(dst)
                     scope.cancel()
                     return
+                pacer.carried += len(data)
                 if rate:
                     await pacer.wait(len(data), rate)
                 try:
