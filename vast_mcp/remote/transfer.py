@@ -52,7 +52,7 @@ SLOW_LINK = 30e6  # bytes/s: below this, the best ratio wins; in between, the fa
 # zstd at level 1 packs text at several hundred MB/s a core and passes incompressible data at memory speed: it pays
 # on any network; only where the "link" is memory (loopback, the same host) does it cost more than it saves.
 ZSTD_PAYS_BELOW = 150e6
-_PROBE_BYTES = 4 * 1024 * 1024
+_PROBE_BYTES = 2 * 1024 * 1024
 _WORTH_PROBING = 16 * 1024 * 1024  # smaller transfers finish before deflate could pay back a probe
 _PROGRESS_EVERY = 0.1
 _PACKER_EXIT_S = 30.0  # for a local zstd to exit once its output ended
@@ -152,8 +152,8 @@ async def link_rate(host: RemoteHost) -> float:
     if host.link_rate is not None:
         return host.link_rate
     rate = await _probe(host)
-    if rate < ZSTD_PAYS_BELOW:
-        # A fresh channel starts slow (TCP and SSH windows open up): a low first figure gets a second look.
+    if ZSTD_PAYS_BELOW / 3 < rate < ZSTD_PAYS_BELOW:
+        # A fresh channel starts slow (TCP and SSH windows open up): a figure near the line gets a second look.
         rate = max(rate, await _probe(host))
     host.link_rate = rate
     return rate
