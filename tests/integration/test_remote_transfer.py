@@ -87,6 +87,41 @@ async def test_round_trip_is_byte_for_byte(
     assert back.mismatched == [] and back.refused == [] and back.missing == []
 
 
+@pytest.mark.parametrize(("link_rate", "codec"), [(10e6, "zstd-1"), (1e9, "none")])
+async def test_zstd_both_ways_unless_the_link_is_as_fast_as_memory(
+    remote: RemoteHost, instance: SimInstance, tmp_path: Path, link_rate: float, codec: str
+) -> None:
+    """The instance and this machine both have zstd: a network-speed link gets it in both directions, a link as
+    fast as memory (loopback) gets the tar stream as is. Checked by what was used, not by how long it took."""
+    remote.link_rate = link_rate  # what the connection's first transfer would have measured
+    proj = make_tree(tmp_path / "local")
+    up = await upload(remote, [proj], "~/w", checksums=True)
+    assert up.compression == codec
+    assert tree_bytes(instance.root_on_host / "w" / "proj") == tree_bytes(proj)
+    back = await download(remote, ["~/w/proj"], tmp_path / "back")
+    assert back.compression == codec
+    assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
+    assert back.verified == 305 and not back.mismatched
+    if codec != "none":
+        # The text shrinks; the random 3 MB file rides along (raw on its own lane going up).
+        assert up.wire_bytes < up.bytes_sent and back.wire_bytes < back.bytes
+
+
+async def test_gzip_when_this_machine_has_no_zstd(
+    remote: RemoteHost, instance: SimInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zstd on the instance alone is not enough: both ends need it, else deflate, which Python has."""
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # the instance's sshd and shells keep their own
+    proj = make_tree(tmp_path / "local")
+    up = await upload(remote, [proj], "~/w", compression="always", checksums=True)
+    assert up.compression == "gzip-6" and up.wire_bytes < up.bytes_sent
+    assert tree_bytes(instance.root_on_host / "w" / "proj") == tree_bytes(proj)
+    back = await download(remote, ["~/w/proj"], tmp_path / "back", compression="always")
+    assert back.compression == "gzip-6" and back.verified == 305
+    assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
+
+
 async def test_reupload_sends_only_what_changed(remote: RemoteHost, tmp_path: Path, instance: SimInstance) -> None:
     proj = make_tree(tmp_path / "local")
     first = await upload(remote, [proj], "work")

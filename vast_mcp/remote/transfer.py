@@ -294,7 +294,7 @@ async def _upload(
     progress = _Progress(on_progress, "upload")
     progress.total_bytes = sum(e.size for e in todo_files)
     progress.files_total = len(todo_files)
-    lanes, label = await _plan(host, todo, progress.total_bytes, compression)
+    lanes, label = await _plan(host, todo, progress.total_bytes, compression) if todo else ([], "none")
     hash_files = checksums
     if todo:
         async with anyio.create_task_group() as tg:
