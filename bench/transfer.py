@@ -7,7 +7,12 @@ The instance is a simulated one (a real sshd in its own namespaces), served from
   ours   vast_mcp.remote.transfer.upload / download over one asyncssh connection
 Then again on a "slow host" (the sim's bandwidth fault, 200 Mbit/s by default).
 
+"wire MB" is what crossed the host's SSH port (counted by its relay, SSH framing included). On the slow host,
+"link s" is the time those bytes need at the link's rate and "of link" that time over the time taken: 100% is a
+link that was never left idle.
+
 Usage: .venv/bin/python bench/transfer.py [--size-mb 300] [--slow-mbit 200] [--only loopback|slow]
+                                          [--methods seed,rsync,ours]
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Upload and download as tar streams over the instance's shared SSH connection.
 
-Upload sends only what changed (one round trip compares sizes and mtimes with the instance), compresses only
-what deflate shrinks and only when the link is slow enough for it to pay, and streams big incompressible files
-on a second channel in parallel. Download extracts safely (`archive.SafeExtractor`) and checks every file's
-SHA-256 against a manifest the instance computes at the same time.
+Upload sends only what changed (one round trip compares sizes and mtimes with the instance). Both directions
+compress with zstd where both ends have it (a local zstd process packs uploads on another core), unless the link
+is as fast as memory; with deflate only where the link is slow enough for it to pay. Big incompressible files
+go up raw on a second channel in parallel. Download extracts safely (`archive.SafeExtractor`, in its own
+process) and checks every file's SHA-256 against a manifest the instance computes at the same time.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class UploadResult:
     bytes_sent: int
     wire_bytes: int
     seconds: float
-    compression: str  # "none", or "gzip-<level>" for the compressible part
+    compression: str  # "none", or "zstd-<level>" / "gzip-<level>" for the compressible part
     verified: str  # what was checked after the upload: "size+mtime" or "sha256"
     changed_while_sending: list[str] = field(default_factory=list)
     skipped_special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: never read, never sent
