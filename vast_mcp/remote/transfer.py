@@ -393,10 +393,15 @@ def _has(host: RemoteHost, tool: str) -> bool:
 
 
 def _learn_rate(host: RemoteHost, lanes: list[_Lane]) -> None:
-    # A raw lane's throughput is a floor for the link's: remember it so the next transfer needs no probe.
     for lane in lanes:
-        if lane.codec == "raw" and lane.wire >= 32 * 1024 * 1024 and lane.seconds > 0:
-            host.link_rate = max(host.link_rate or 0.0, lane.wire / lane.seconds)
+        if lane.codec == "raw":
+            _learn(host, lane.wire, lane.seconds)
+
+
+def _learn(host: RemoteHost, raw_bytes: int, seconds: float) -> None:
+    # A raw stream's throughput is a floor for the link's: remember it so the next transfer needs no probe.
+    if raw_bytes >= 32 * 1024 * 1024 and seconds > 0:
+        host.link_rate = max(host.link_rate or 0.0, raw_bytes / seconds)
 
 
 _UNPACK = {"raw": "tar -x -o -f -", "gzip": "gzip -dc | tar -x -o -f -", "zstd": "zstd -dcq | tar -x -o -f -"}
@@ -756,6 +761,8 @@ async def _download(
             exc,
             lambda lost: TransferError(f"The download was cut off ({type(lost).__name__}: {lost}). Download again."),
         )
+    if codec == "raw":
+        _learn(host, progress.wire, time.monotonic() - started)
     files_hashes: dict[str, str] = report.get("hashes", {})
     refused: list[str] = report.get("refused", [])
     if report.get("error"):
