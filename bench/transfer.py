@@ -12,7 +12,7 @@ Then again on a "slow host" (the sim's bandwidth fault, 200 Mbit/s by default).
 link that was never left idle.
 
 Usage: .venv/bin/python bench/transfer.py [--size-mb 300] [--slow-mbit 200] [--only loopback|slow]
-                                          [--methods seed,rsync,ours]
+                                          [--methods seed,rsync,ours] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -268,6 +269,14 @@ def ratios(results: Results) -> str:
     return "; ".join(out)
 
 
+def medians(runs: list[Results]) -> Results:
+    """Per method and phase, the median time and the median bytes on the wire over the runs."""
+    return {
+        key: (statistics.median(r[key][0] for r in runs), int(statistics.median(r[key][1] for r in runs)))
+        for key in runs[0]
+    }
+
+
 def _workdir() -> Path:
     shm = Path("/dev/shm")
     return Path(tempfile.mkdtemp(prefix="vast-mcp-bench-", dir=shm if shm.is_dir() else None))
@@ -279,6 +288,7 @@ async def main() -> None:
     parser.add_argument("--slow-mbit", type=int, default=200)
     parser.add_argument("--only", choices=["loopback", "slow"])
     parser.add_argument("--methods", default="seed,rsync,ours", help="comma-separated subset, for iterating")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the tables show medians")
     args = parser.parse_args()
     # In memory when possible: disk writeback stalls would land on whichever method happens to run next.
     work = await anyio.to_thread.run_sync(_workdir)
@@ -292,8 +302,14 @@ async def main() -> None:
         methods = args.methods.split(",")
         out: list[str] = []
         for label, bps in cases:
-            last = await run_case(label.split()[0], work / "tree", size, key, work, bps, methods)
-            out += [*table(label, last, size, bps), ratios(last), ""]
+            # Each repeat on a fresh instance (its own host key, hence its own name); the table shows medians.
+            runs = [
+                await run_case(f"{label.split()[0]}{i}", work / "tree", size, key, work, bps, methods)
+                for i in range(args.repeat)
+            ]
+            heading = label + (f" (median of {args.repeat} runs)" if args.repeat > 1 else "")
+            med = medians(runs)
+            out += [*table(heading, med, size, bps), ratios(med), ""]
         print()
         print("\n".join(out[:-1]))
     finally:
