@@ -152,18 +152,19 @@ async def link_rate(host: RemoteHost) -> float:
     """Bytes per second the connection carries, measured once with a small probe and refreshed by transfers."""
     if host.link_rate is not None:
         return host.link_rate
-    rate = await _probe(host)
+    rate = await _probe(host, _PROBE_BYTES)
     if ZSTD_PAYS_BELOW / 3 < rate < ZSTD_PAYS_BELOW:
-        # A fresh channel starts slow (TCP and SSH windows open up): a figure near the line gets a second look.
-        rate = max(rate, await _probe(host))
+        # A fresh channel starts slow (TCP and SSH windows open up), and a busy machine makes a short probe
+        # noisy: a figure near the line gets a second, longer look (cheap on a link this fast).
+        rate = max(rate, await _probe(host, 4 * _PROBE_BYTES))
     host.link_rate = rate
     return rate
 
 
-async def _probe(host: RemoteHost) -> float:
+async def _probe(host: RemoteHost, size: int) -> float:
     # Timed from the first byte to the last, as the client sees them: the channel's set-up and close are round
     # trips, which would make a fast link look slow (a probe of a few MB is mostly latency otherwise).
-    async with host.channel(f"head -c {_PROBE_BYTES} /dev/zero", encoding=None, window=BULK_WINDOW) as proc:
+    async with host.channel(f"head -c {size} /dev/zero", encoding=None, window=BULK_WINDOW) as proc:
         with anyio.fail_after(120):
             first = await proc.stdout.read(1 << 20)
             started = time.monotonic()
