@@ -335,7 +335,7 @@ def _scan_sources(sources: list[Path], exclude: Sequence[str], use_gitignore: bo
 async def _plan(
     host: RemoteHost, todo: list[LocalEntry], total: int, compression: Compression
 ) -> tuple[list[_Lane], str]:
-    """Split the entries into lanes sent in parallel, and pick the deflate level from the link's speed."""
+    """Split the entries into lanes sent in parallel, and pick the codec (see `_choose_codec`)."""
     big = [e for e in todo if e.kind == "file" and e.size >= SMALL_FILE]
     rest = [e for e in todo if not (e.kind == "file" and e.size >= SMALL_FILE)]
     codec, level = await _choose_codec(host, compression, total)
