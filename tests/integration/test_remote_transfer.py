@@ -7,6 +7,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import anyio
 import pytest
 from remote_conftest import (  # noqa: F401  (fixtures are found by name)
     SimInstance,
@@ -120,6 +121,40 @@ async def test_gzip_when_this_machine_has_no_zstd(
     back = await download(remote, ["~/w/proj"], tmp_path / "back", compression="always")
     assert back.compression == "gzip-6" and back.verified == 305
     assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
+
+
+def _children_named(name: str) -> list[int]:
+    """Our child processes running `name` (zombies included: a child not yet reaped still shows)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and comm == name:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+async def test_a_cancelled_zstd_upload_leaves_no_packer_behind(remote: RemoteHost, tmp_path: Path) -> None:
+    remote.link_rate = 10e6  # zstd, through a local zstd process
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for i in range(8):
+        (proj / f"log{i}.txt").write_text("".join(f"step={j} loss={j % 97}\n" for j in range(200_000)))
+    with anyio.CancelScope() as scope:
+
+        def stop(progress: TransferProgress) -> None:
+            if progress.done_bytes:
+                scope.cancel()  # the caller leaves (its bound, the client going) in the middle of the stream
+
+        await upload(remote, [proj], "~/w", on_progress=stop)
+    assert scope.cancelled_caught
+    assert _children_named("zstd") == []
+    again = await upload(remote, [proj], "~/w")  # the connection is still good, and the upload completes
+    assert again.compression == "zstd-1" and again.files_sent == again.files_total == 8
 
 
 async def test_reupload_sends_only_what_changed(remote: RemoteHost, tmp_path: Path, instance: SimInstance) -> None:
