@@ -22,6 +22,7 @@ from ..errors import UnsafeArchiveError
 from .patterns import IgnoreRules
 
 CHUNK = 1 << 20
+_PASS_THROUGH = 256 * 1024  # file pieces this big skip tar_chunks' buffer
 SMALL_FILE = 256 * 1024  # below this, files are packed together and never sampled one by one
 _SAMPLE = 64 * 1024
 # Formats that are compressed already: sampling them would only confirm it.
@@ -211,9 +212,17 @@ def tar_chunks(entries: Sequence[LocalEntry], stats: TarStats, *, hash_files: bo
                             break
                         if digest is not None:
                             digest.update(data)
+                        left -= len(data)
+                        if len(data) >= _PASS_THROUGH:
+                            # A big piece goes out as read, not copied into the buffer and out again.
+                            if buf:
+                                yield content, bytes(buf)
+                                buf.clear()
+                                content = 0
+                            yield len(data), data
+                            continue
                         buf += data
                         content += len(data)
-                        left -= len(data)
                         if len(buf) >= CHUNK:
                             yield content, bytes(buf)
                             buf.clear()
