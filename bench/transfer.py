@@ -303,10 +303,11 @@ async def main() -> None:
         out: list[str] = []
         for label, bps in cases:
             # Each repeat on a fresh instance (its own host key, hence its own name); the table shows medians.
-            runs = [
-                await run_case(f"{label.split()[0]}{i}", work / "tree", size, key, work, bps, methods)
-                for i in range(args.repeat)
-            ]
+            runs = []
+            for i in range(args.repeat):
+                runs.append(await run_case(f"{label.split()[0]}{i}", work / "tree", size, key, work, bps, methods))
+                if args.repeat > 1:
+                    print("\n".join(["", f"run {i + 1}:", *table(label, runs[-1], size, bps), ratios(runs[-1])]))
             heading = label + (f" (median of {args.repeat} runs)" if args.repeat > 1 else "")
             med = medians(runs)
             out += [*table(heading, med, size, bps), ratios(med), ""]
