@@ -155,7 +155,7 @@ async def link_rate(host: RemoteHost) -> float:
     rate = await _probe(host, _PROBE_BYTES)
     if ZSTD_PAYS_BELOW / 3 < rate < ZSTD_PAYS_BELOW:
         # A fresh channel starts slow (TCP and SSH windows open up), and a busy machine makes a short probe
-        # noisy: a figure near the line gets a second, longer look (cheap on a link this fast).
+        # noisy: a figure near the line gets a second, longer look.
         rate = max(rate, await _probe(host, 4 * _PROBE_BYTES))
     host.link_rate = rate
     return rate
