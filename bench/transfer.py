@@ -7,7 +7,12 @@ The instance is a simulated one (a real sshd in its own namespaces), served from
   ours   vast_mcp.remote.transfer.upload / download over one asyncssh connection
 Then again on a "slow host" (the sim's bandwidth fault, 200 Mbit/s by default).
 
+"wire MB" is what crossed the host's SSH port (counted by its relay, SSH framing included). On the slow host,
+"link s" is the time those bytes need at the link's rate and "of link" that time over the time taken: 100% is a
+link that was never left idle.
+
 Usage: .venv/bin/python bench/transfer.py [--size-mb 300] [--slow-mbit 200] [--only loopback|slow]
+                                          [--methods seed,rsync,ours] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from vast_mcp.remote.connect import RemoteHosts, SSHTarget
 from vast_mcp.remote.hostkeys import HostKeyStore
@@ -34,11 +41,6 @@ _SERVE = r"""
 import sys, anyio
 from pathlib import Path
 from vast_mcp.sim.hosts import HostFaults, HostSpec, select_backend
-
-def _workdir() -> Path:
-    shm = Path("/dev/shm")
-    return Path(tempfile.mkdtemp(prefix="vast-mcp-bench-", dir=shm if shm.is_dir() else None))
-
 
 async def main() -> None:
     disk, key, bps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -51,12 +53,15 @@ async def main() -> None:
     await host.start()
     print(host.ssh_port, flush=True)
     try:
-        await anyio.to_thread.run_sync(sys.stdin.read)
+        # Each line asks for the bytes the host's port has carried so far (both directions); EOF ends it.
+        while await anyio.to_thread.run_sync(sys.stdin.readline):
+            print(sum(host.carried()), flush=True)
     finally:
         await host.destroy()
 
 anyio.run(main)
 """
+
 
 PHASES = ("upload", "reupload", "download")
 
@@ -109,13 +114,37 @@ def q(args: list[str]) -> str:
     return " ".join(subprocess.list2cmdline([a]) for a in args)
 
 
-async def timed(fn: Callable[[], Awaitable[None]]) -> float:
+class Wire:
+    """Asks the server process how many bytes the host's port has carried, to count one phase's wire bytes."""
+
+    def __init__(self, server: anyio.abc.Process) -> None:
+        assert server.stdout is not None and server.stdin is not None
+        self._in = server.stdin
+        self._out = server.stdout
+
+    async def read(self) -> int:
+        await self._in.send(b"?\n")
+        line = b""
+        with anyio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await self._out.receive(1)
+        return int(line)
+
+
+async def timed(fn: Callable[[], Awaitable[None]], wire: Wire) -> tuple[float, int]:
+    before = await wire.read()
     started = time.perf_counter()
     await fn()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return seconds, await wire.read() - before
 
 
-async def run_case(label: str, tree: Path, size: int, key: ClientKey, work: Path, slow_bps: int) -> dict[str, float]:
+Results = dict[str, tuple[float, int]]  # "method.phase": (seconds, bytes on the wire)
+
+
+async def run_case(
+    label: str, tree: Path, size: int, key: ClientKey, work: Path, slow_bps: int, methods: list[str]
+) -> Results:
     disk = work / f"disk-{label}"
     command = [sys.executable, "-c", _SERVE, str(disk), key.public_line, str(slow_bps)]
     async with await anyio.open_process(command, stderr=None) as server:
@@ -124,14 +153,16 @@ async def run_case(label: str, tree: Path, size: int, key: ClientKey, work: Path
         while not line.endswith(b"\n"):
             line += await server.stdout.receive(1)
         try:
-            return await _measure(label, tree, size, key, work, int(line))
+            return await _measure(label, tree, key, work, int(line), Wire(server), methods)
         finally:
             await server.stdin.aclose()
             with anyio.fail_after(120):
                 await server.wait()
 
 
-async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path, port: int) -> dict[str, float]:
+async def _measure(
+    label: str, tree: Path, key: ClientKey, work: Path, port: int, wire: Wire, methods: list[str]
+) -> Results:
     known = work / f"known_hosts-{label}"
     ssh = q(ssh_base(key.path, port, known))
     dest = "root@127.0.0.1"
@@ -140,7 +171,7 @@ async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path
     await host.wait_ready(budget=60)
     shell(f"{ssh} {dest} true")
     parent, name = tree.parent, tree.name
-    results: dict[str, float] = {}
+    results: Results = {}
 
     async def seed_up() -> None:
         await anyio.to_thread.run_sync(
@@ -180,10 +211,15 @@ async def _measure(label: str, tree: Path, size: int, key: ClientKey, work: Path
         shutil.rmtree(path, ignore_errors=True)
 
     for method, up, down in plan:
-        results[f"{method}.upload"] = await timed(up)
-        results[f"{method}.reupload"] = await timed(up)
-        results[f"{method}.download"] = await timed(down)
-        print(f"  [{label}] {method}: " + ", ".join(f"{p} {results[f'{method}.{p}']:.2f}s" for p in PHASES), flush=True)
+        if method not in methods:
+            continue
+        results[f"{method}.upload"] = await timed(up, wire)
+        results[f"{method}.reupload"] = await timed(up, wire)
+        results[f"{method}.download"] = await timed(down, wire)
+        print(
+            f"  [{label}] {method}: " + ", ".join(f"{p} {results[f'{method}.{p}'][0]:.2f}s" for p in PHASES),
+            flush=True,
+        )
         if method == "ours":
             await _check_same(tree, work / f"{label}-ours-down" / name)
         # Each method starts from the same state: memory and disk freed of the previous method's copies.
@@ -204,22 +240,41 @@ async def _check_same(tree: Path, copy: Path) -> None:
     await anyio.to_thread.run_sync(compare)
 
 
-def table(label: str, results: dict[str, float], size: int) -> list[str]:
+def table(label: str, results: Results, size: int, rate: int) -> list[str]:
+    """One line per method and phase. "link" is the time the bytes that crossed the wire (SSH framing included)
+    need at the link's rate, and "of link" that time over the time taken: 100% is a link never left idle."""
     lines = [
         f"{label}: tree {size / 1e6:.0f} MB",
-        f"{'method':<8} {'phase':<9} {'seconds':>8} {'MB/s':>9} {'vs seed':>8}",
+        f"{'method':<8} {'phase':<9} {'seconds':>8} {'MB/s':>9} {'vs seed':>8} {'wire MB':>8}"
+        + (f" {'link s':>7} {'of link':>8}" if rate else ""),
     ]
-    for method in ("seed", "rsync", "ours"):
-        for phase in PHASES:
-            t = results[f"{method}.{phase}"]
-            ratio = results[f"seed.{phase}"] / t
-            lines.append(f"{method:<8} {phase:<9} {t:>8.2f} {size / 1e6 / t:>9.1f} {'x' + format(ratio, '.1f'):>8}")
+    for key, (t, sent) in results.items():
+        method, phase = key.split(".")
+        seed = results.get(f"seed.{phase}")
+        ratio = "x" + format(seed[0] / t, ".1f") if seed else "-"
+        line = f"{method:<8} {phase:<9} {t:>8.2f} {size / 1e6 / t:>9.1f} {ratio:>8} {sent / 1e6:>8.1f}"
+        if rate:
+            line += f" {sent / rate:>7.2f} {sent / rate / t:>8.0%}"
+        lines.append(line)
     return lines
 
 
-def ratios(results: dict[str, float]) -> str:
-    r = [results[f"seed.{p}"] / results[f"ours.{p}"] for p in PHASES]
-    return f"upload x{r[0]:.1f} reupload x{r[1]:.1f} download x{r[2]:.1f} vs seed"
+def ratios(results: Results) -> str:
+    """ours against the others, per phase: how many times faster (above 1) or slower."""
+    out = []
+    for other in ("seed", "rsync"):
+        if f"{other}.upload" in results and "ours.upload" in results:
+            r = [results[f"{other}.{p}"][0] / results[f"ours.{p}"][0] for p in PHASES]
+            out.append(f"vs {other}: upload x{r[0]:.2f} reupload x{r[1]:.1f} download x{r[2]:.2f}")
+    return "; ".join(out)
+
+
+def medians(runs: list[Results]) -> Results:
+    """Per method and phase, the median time and the median bytes on the wire over the runs."""
+    return {
+        key: (statistics.median(r[key][0] for r in runs), int(statistics.median(r[key][1] for r in runs)))
+        for key in runs[0]
+    }
 
 
 def _workdir() -> Path:
@@ -232,6 +287,8 @@ async def main() -> None:
     parser.add_argument("--size-mb", type=int, default=300)
     parser.add_argument("--slow-mbit", type=int, default=200)
     parser.add_argument("--only", choices=["loopback", "slow"])
+    parser.add_argument("--methods", default="seed,rsync,ours", help="comma-separated subset, for iterating")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the tables show medians")
     args = parser.parse_args()
     # In memory when possible: disk writeback stalls would land on whichever method happens to run next.
     work = await anyio.to_thread.run_sync(_workdir)
@@ -242,17 +299,20 @@ async def main() -> None:
         cases = [("loopback", 0), (f"slow host {args.slow_mbit} Mbit/s", args.slow_mbit * 1_000_000 // 8)]
         if args.only:
             cases = [cases[0] if args.only == "loopback" else cases[1]]
+        methods = args.methods.split(",")
         out: list[str] = []
-        last: dict[str, float] = {}
         for label, bps in cases:
-            last = await run_case(label.split()[0], work / "tree", size, key, work, bps)
-            out += [*table(label, last, size), ratios(last), ""]
+            # Each repeat on a fresh instance (its own host key, hence its own name); the table shows medians.
+            runs = []
+            for i in range(args.repeat):
+                runs.append(await run_case(f"{label.split()[0]}{i}", work / "tree", size, key, work, bps, methods))
+                if args.repeat > 1:
+                    print("\n".join(["", f"run {i + 1}:", *table(label, runs[-1], size, bps), ratios(runs[-1])]))
+            heading = label + (f" (median of {args.repeat} runs)" if args.repeat > 1 else "")
+            med = medians(runs)
+            out += [*table(heading, med, size, bps), ratios(med), ""]
         print()
         print("\n".join(out[:-1]))
-        if len(cases) > 1:
-            # The headline is the loopback run (the issue's targets); the slow host's line is in its table above.
-            first = out.index("") if "" in out else len(out)
-            print(out[first - 1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -157,10 +157,15 @@ async def test_coreutils_without_sha256sum_z_still_verifies(boot: Booted, tmp_pa
     tree = make_tree(tmp_path / "local")
     async with boot("ubuntu:18.04") as (_, host):
         assert "sha256sum-z" not in host.tools and "python3" not in host.tools
-        await upload(host, [tree], "~/w", checksums=True)
+        up = await upload(host, [tree], "~/w", checksums=True, compression="always")
         back = await download(host, ["~/w/proj"], tmp_path / "back", compression="always")
+        host.link_rate = 10e6  # a slow link: zstd would be used if the image had it
+        again = await upload(host, [tree], "~/w2")
+        back_again = await download(host, ["~/w2/proj"], tmp_path / "back2", compression="auto")
     assert back.verified == 2 and not back.mismatched
-    assert back.compression == "gzip-6", "no zstd in the image: gzip, which it has"
+    assert up.compression == back.compression == "gzip-6", "no zstd in the image: gzip, which it has"
+    assert again.compression == "none", "a small upload is not worth deflate's probe or its core"
+    assert back_again.compression == "gzip-6" and back_again.verified == 2
 
 
 async def test_more_commands_than_the_server_allows_sessions(boot: Booted) -> None:

@@ -7,6 +7,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import anyio
 import pytest
 from remote_conftest import (  # noqa: F401  (fixtures are found by name)
     SimInstance,
@@ -71,7 +72,7 @@ async def test_round_trip_is_byte_for_byte(
     assert up.bytes_sent == up.bytes_total
     assert up.verified == "sha256"
     if compression == "always":
-        assert up.compression == "gzip-6" and up.wire_bytes < up.bytes_sent
+        assert up.compression == "zstd-3" and up.wire_bytes < up.bytes_sent  # both ends have zstd
     assert seen[-1].done_bytes == up.bytes_sent and seen[-1].files_done == 305
     on_instance = instance.root_on_host / "work" / "proj"
     assert tree_bytes(on_instance) == tree_bytes(proj)
@@ -85,6 +86,75 @@ async def test_round_trip_is_byte_for_byte(
     if compression == "never":
         assert back.compression == "none"
     assert back.mismatched == [] and back.refused == [] and back.missing == []
+
+
+@pytest.mark.parametrize(("link_rate", "codec"), [(10e6, "zstd-1"), (1e9, "none")])
+async def test_zstd_both_ways_unless_the_link_is_as_fast_as_memory(
+    remote: RemoteHost, instance: SimInstance, tmp_path: Path, link_rate: float, codec: str
+) -> None:
+    """The instance and this machine both have zstd: a network-speed link gets it in both directions, a link as
+    fast as memory (loopback) gets the tar stream as is. Checked by what was used, not by how long it took."""
+    remote.link_rate = link_rate  # what the connection's first transfer would have measured
+    proj = make_tree(tmp_path / "local")
+    up = await upload(remote, [proj], "~/w", checksums=True)
+    assert up.compression == codec
+    assert tree_bytes(instance.root_on_host / "w" / "proj") == tree_bytes(proj)
+    back = await download(remote, ["~/w/proj"], tmp_path / "back")
+    assert back.compression == codec
+    assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
+    assert back.verified == 305 and not back.mismatched
+    if codec != "none":
+        # The text shrinks; the random 3 MB file rides along (raw on its own lane going up).
+        assert up.wire_bytes < up.bytes_sent and back.wire_bytes < back.bytes
+
+
+async def test_gzip_when_this_machine_has_no_zstd(
+    remote: RemoteHost, instance: SimInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zstd on the instance alone is not enough: both ends need it, else deflate, which Python has."""
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # the instance's sshd and shells keep their own
+    proj = make_tree(tmp_path / "local")
+    up = await upload(remote, [proj], "~/w", compression="always", checksums=True)
+    assert up.compression == "gzip-6" and up.wire_bytes < up.bytes_sent
+    assert tree_bytes(instance.root_on_host / "w" / "proj") == tree_bytes(proj)
+    back = await download(remote, ["~/w/proj"], tmp_path / "back", compression="always")
+    assert back.compression == "gzip-6" and back.verified == 305
+    assert tree_bytes(tmp_path / "back" / "proj") == tree_bytes(proj)
+
+
+def _children_named(name: str) -> list[int]:
+    """Our child processes running `name` (zombies included: a child not yet reaped still shows)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and comm == name:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+async def test_a_cancelled_zstd_upload_leaves_no_packer_behind(remote: RemoteHost, tmp_path: Path) -> None:
+    remote.link_rate = 10e6  # zstd, through a local zstd process
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for i in range(8):
+        (proj / f"log{i}.txt").write_text("".join(f"step={j} loss={j % 97}\n" for j in range(200_000)))
+    with anyio.CancelScope() as scope:
+
+        def stop(progress: TransferProgress) -> None:
+            if progress.done_bytes:
+                scope.cancel()  # the caller leaves (its bound, the client going) in the middle of the stream
+
+        await upload(remote, [proj], "~/w", on_progress=stop)
+    assert scope.cancelled_caught
+    assert _children_named("zstd") == []
+    again = await upload(remote, [proj], "~/w")  # the connection is still good, and the upload completes
+    assert again.compression == "zstd-1" and again.files_sent == again.files_total == 8
 
 
 async def test_reupload_sends_only_what_changed(remote: RemoteHost, tmp_path: Path, instance: SimInstance) -> None:

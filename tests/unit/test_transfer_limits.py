@@ -65,6 +65,34 @@ def test_zeros_become_holes(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "sparse.bin").read_bytes() == bytes(size) + b"tail"
 
 
+def test_data_between_holes_lands_byte_for_byte(tmp_path: Path) -> None:
+    """Runs of data are written in one call each, with holes between them: every byte still lands in its place."""
+    hole = 64 * 1024
+    body = os.urandom(100_000) + bytes(4 * hole) + os.urandom(hole) + bytes(2 * hole + 5) + b"end"
+    # Members that end off a block boundary, so the next one's data starts mid-chunk in the stream.
+    data = archive(("a.bin", body), ("b.txt", b"b" * 1000), ("c.bin", body[::-1]))
+    report = SafeExtractor(tmp_path / "d", max_bytes=1 << 30).extract(io.BytesIO(data))
+    assert report.files == 3 and not report.refused
+    assert (tmp_path / "d" / "a.bin").read_bytes() == body
+    assert (tmp_path / "d" / "b.txt").read_bytes() == b"b" * 1000
+    assert (tmp_path / "d" / "c.bin").read_bytes() == body[::-1]
+    assert (tmp_path / "d" / "a.bin").stat().st_blocks * 512 < len(body) - 3 * hole
+
+
+def test_free_space_is_followed_from_member_to_member(tmp_path: Path) -> None:
+    """Free space is not asked for every member, yet the members that would eat into the reserve are refused."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    free = shutil.disk_usage(dest).free
+    ex = SafeExtractor(dest, max_bytes=1 << 40, reserve=free - 350_000)
+    members = [(f"m{i}.bin", os.urandom(100_000)) for i in range(6)]
+    report = ex.extract(io.BytesIO(archive(*members)))
+    landed = sorted(p.name for p in dest.iterdir())
+    assert 1 <= len(landed) <= 3, landed
+    assert len(report.refused) == 6 - len(landed)
+    assert all("do not fit" in r for r in report.refused)
+
+
 def test_an_empty_stream_is_an_empty_download_not_an_error(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "vast_mcp.remote.unpack", str(tmp_path / "d"), "1000", "raw"],

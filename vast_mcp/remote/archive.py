@@ -22,6 +22,7 @@ from ..errors import UnsafeArchiveError
 from .patterns import IgnoreRules
 
 CHUNK = 1 << 20
+_PASS_THROUGH = 256 * 1024  # file pieces this big skip tar_chunks' buffer
 SMALL_FILE = 256 * 1024  # below this, files are packed together and never sampled one by one
 _SAMPLE = 64 * 1024
 # Formats that are compressed already: sampling them would only confirm it.
@@ -211,9 +212,17 @@ def tar_chunks(entries: Sequence[LocalEntry], stats: TarStats, *, hash_files: bo
                             break
                         if digest is not None:
                             digest.update(data)
+                        left -= len(data)
+                        if len(data) >= _PASS_THROUGH:
+                            # A big piece goes out as read, not copied into the buffer and out again.
+                            if buf:
+                                yield content, bytes(buf)
+                                buf.clear()
+                                content = 0
+                            yield len(data), data
+                            continue
                         buf += data
                         content += len(data)
-                        left -= len(data)
                         if len(buf) >= CHUNK:
                             yield content, bytes(buf)
                             buf.clear()
@@ -256,6 +265,26 @@ class ExtractReport:
     refused: list[str] = field(default_factory=list)
 
 
+def _content(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
+    """A regular member's bytes, in pieces of at most CHUNK."""
+    if member.issparse():
+        src = tf.extractfile(member)
+        assert src is not None
+        while data := src.read(CHUNK):
+            yield data
+        return
+    # Straight from the stream: tarfile's file object copies every piece twice on its way through.
+    assert tf.fileobj is not None
+    tf.fileobj.seek(member.offset_data)
+    left = member.size
+    while left > 0:
+        data = tf.fileobj.read(min(CHUNK, left))
+        if not data:
+            raise tarfile.ReadError("unexpected end of data")
+        left -= len(data)
+        yield data
+
+
 def _clean_name(name: str) -> str | None:
     """The member's path as POSIX parts joined, or None when it is absolute, climbs with `..` or is empty."""
     if not name or "\0" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
@@ -272,21 +301,26 @@ def _inside(root: str, path: str) -> bool:
 
 FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free on the destination's disk, for everything else on it
 _HOLE = 64 * 1024
+_RECHECK_FREE = 64 * 1024 * 1024
 _ZEROS = bytes(_HOLE)
 
 
 def _write_sparse(fd: int, data: bytes) -> None:
     """Write `data` at the current offset, skipping (seeking over) every aligned block of zeros: the file system
-    leaves holes there, so a sparse file is not inflated on the way in."""
+    leaves holes there, so a sparse file is not inflated on the way in. Runs of other blocks go in one write."""
     view = memoryview(data)
-    for start in range(0, len(view), _HOLE):
-        block = view[start : start + _HOLE]
-        if len(block) == _HOLE and block == _ZEROS:
+    start = 0  # of the run not yet written
+    for at in range(0, len(view), _HOLE):
+        if len(view) - at >= _HOLE and view[at : at + _HOLE] == _ZEROS:
+            _write_all(fd, view[start:at])
             os.lseek(fd, _HOLE, os.SEEK_CUR)
-            continue
-        while block:
-            written = os.write(fd, block)
-            block = block[written:]
+            start = at + _HOLE
+    _write_all(fd, view[start:])
+
+
+def _write_all(fd: int, block: memoryview) -> None:
+    while block:
+        block = block[os.write(fd, block) :]
 
 
 def _why(exc: OSError) -> str:
@@ -326,6 +360,8 @@ class SafeExtractor:
         self.report = ExtractReport()
         self._symlinks: list[tuple[str, str]] = []
         self._written: set[str] = set()
+        self._free = 0  # free bytes on the destination's disk when last asked, less what was written since
+        self._asked_at = 0  # report.bytes then
         # Folders already checked to resolve inside dest. They stay valid: symlinks are placed last and never
         # replace a folder, and files never replace one either.
         self._safe_dirs: set[str] = {self.root}
@@ -392,7 +428,12 @@ class SafeExtractor:
                 f"after {self.report.files} files. Download fewer files, or pack them smaller on the instance.",
                 refused=[*self.report.refused, f"{member.name}: size cap reached"],
             )
-        free = shutil.disk_usage(self.root).free
+        if member.size > self._free - self.reserve or self.report.bytes - self._asked_at >= _RECHECK_FREE:
+            # Asked again when the estimate says no, or after a while (others write to that disk too): thousands
+            # of small files need not cost a statvfs each.
+            self._free = shutil.disk_usage(self.root).free
+            self._asked_at = self.report.bytes
+        free = self._free
         if member.size > free - self.reserve:
             # Judged by the apparent size: holes are only found while writing, and a full disk is worse.
             self._refuse(
@@ -410,14 +451,13 @@ class SafeExtractor:
             return
         if existing and not stat.S_ISREG(existing):
             os.unlink(path)  # a symlink or special file there must not redirect the write
-        src = tf.extractfile(member)
-        assert src is not None
         digest = hashlib.sha256()
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
         fd = os.open(path, flags, (member.mode & 0o755) | 0o600)
+        self._free -= member.size
         try:
             with os.fdopen(fd, "wb", buffering=0) as out:
-                while data := src.read(CHUNK):
+                for data in _content(tf, member):
                     digest.update(data)
                     _write_sparse(out.fileno(), data)
                 os.ftruncate(fd, member.size)  # a trailing hole still counts in the size

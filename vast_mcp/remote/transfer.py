@@ -1,19 +1,23 @@
 """Upload and download as tar streams over the instance's shared SSH connection.
 
-Upload sends only what changed (one round trip compares sizes and mtimes with the instance), compresses only
-what deflate shrinks and only when the link is slow enough for it to pay, and streams big incompressible files
-on a second channel in parallel. Download extracts safely (`archive.SafeExtractor`) and checks every file's
-SHA-256 against a manifest the instance computes at the same time.
+Upload sends only what changed (one round trip compares sizes and mtimes with the instance). Both directions
+compress with zstd where both ends have it (a local zstd process packs uploads on another core), unless the link
+is as fast as memory; with deflate only where the link is slow enough for it to pay. Big incompressible files
+go up raw on a second channel in parallel. Download extracts safely (`archive.SafeExtractor`, in its own
+process) and checks every file's SHA-256 against a manifest the instance computes at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +50,13 @@ ProgressCallback = Callable[["TransferProgress"], Awaitable[None] | None]
 
 FAST_LINK = 60e6  # bytes/s: above this, deflate (~100 MB/s a core at level 1, less under load) loses to raw
 SLOW_LINK = 30e6  # bytes/s: below this, the best ratio wins; in between, the fastest level
-_PROBE_BYTES = 4 * 1024 * 1024
-_WORTH_PROBING = 16 * 1024 * 1024  # smaller uploads finish before compression could pay back a probe
+# zstd at level 1 packs text at several hundred MB/s a core and passes incompressible data at memory speed: it pays
+# on any network; only where the "link" is memory (loopback, the same host) does it cost more than it saves.
+ZSTD_PAYS_BELOW = 150e6
+_PROBE_BYTES = 2 * 1024 * 1024
+_WORTH_PROBING = 16 * 1024 * 1024  # smaller transfers finish before deflate could pay back a probe
 _PROGRESS_EVERY = 0.1
+_PACKER_EXIT_S = 30.0  # for a local zstd to exit once its output ended
 DEFAULT_MAX_DOWNLOAD = 20 * 1024**3  # and no member past the destination's free space (archive.SafeExtractor)
 
 
@@ -73,7 +81,7 @@ class UploadResult:
     bytes_sent: int
     wire_bytes: int
     seconds: float
-    compression: str  # "none", or "gzip-<level>" for the compressible part
+    compression: str  # "none", or "zstd-<level>" / "gzip-<level>" for the compressible part
     verified: str  # what was checked after the upload: "size+mtime" or "sha256"
     changed_while_sending: list[str] = field(default_factory=list)
     skipped_special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices: never read, never sent
@@ -141,25 +149,30 @@ class _Progress:
 
 
 async def link_rate(host: RemoteHost) -> float:
-    """Bytes per second the connection carries, measured once with a small probe and refreshed by uploads."""
+    """Bytes per second the connection carries, measured once with a small probe and refreshed by transfers."""
     if host.link_rate is not None:
         return host.link_rate
-    rate = await _probe(host)
-    if rate < FAST_LINK:
-        # A fresh channel starts slow (TCP and SSH windows open up): a low first figure gets a second look.
-        rate = max(rate, await _probe(host))
+    rate = await _probe(host, _PROBE_BYTES)
+    if ZSTD_PAYS_BELOW / 3 < rate < ZSTD_PAYS_BELOW:
+        # A fresh channel starts slow (TCP and SSH windows open up), and a busy machine makes a short probe
+        # noisy: a figure near the line gets a second, longer look.
+        rate = max(rate, await _probe(host, 4 * _PROBE_BYTES))
     host.link_rate = rate
     return rate
 
 
-async def _probe(host: RemoteHost) -> float:
-    async with host.channel(f"head -c {_PROBE_BYTES} > /dev/null", encoding=None, window=BULK_WINDOW) as proc:
-        started = time.monotonic()
+async def _probe(host: RemoteHost, size: int) -> float:
+    # Timed from the first byte to the last, as the client sees them: the channel's set-up and close are round
+    # trips, which would make a fast link look slow (a probe of a few MB is mostly latency otherwise).
+    async with host.channel(f"head -c {size} /dev/zero", encoding=None, window=BULK_WINDOW) as proc:
         with anyio.fail_after(120):
-            proc.stdin.write(bytes(_PROBE_BYTES))
-            proc.stdin.write_eof()
+            first = await proc.stdout.read(1 << 20)
+            started = time.monotonic()
+            got = 0
+            while data := await proc.stdout.read(1 << 20):
+                got += len(data)
             await proc.wait()
-    return _PROBE_BYTES / max(time.monotonic() - started, 1e-6)
+    return got / max(time.monotonic() - started, 1e-6) if first and got else 0.0
 
 
 # --- upload ----------------------------------------------------------------------------------------------------
@@ -231,7 +244,8 @@ def _unchanged(entry: LocalEntry, remote: tuple[str, int, int, str] | None) -> b
 @dataclass
 class _Lane:
     entries: list[LocalEntry]
-    level: int  # 0: raw tar; otherwise gzip members at this level
+    codec: Codec = "raw"  # gzip: members packed here; zstd: through a local zstd process
+    level: int = 0
     stats: TarStats = field(default_factory=TarStats)
     wire: int = 0
     seconds: float = 0.0
@@ -282,7 +296,7 @@ async def _upload(
     progress = _Progress(on_progress, "upload")
     progress.total_bytes = sum(e.size for e in todo_files)
     progress.files_total = len(todo_files)
-    lanes, label = await _plan(host, todo, progress.total_bytes, compression)
+    lanes, label = await _plan(host, todo, progress.total_bytes, compression) if todo else ([], "none")
     hash_files = checksums
     if todo:
         async with anyio.create_task_group() as tg:
@@ -321,25 +335,57 @@ def _scan_sources(sources: list[Path], exclude: Sequence[str], use_gitignore: bo
 async def _plan(
     host: RemoteHost, todo: list[LocalEntry], total: int, compression: Compression
 ) -> tuple[list[_Lane], str]:
-    """Split the entries into lanes sent in parallel, and pick the deflate level from the link's speed."""
+    """Split the entries into lanes sent in parallel, and pick the codec (see `_choose_codec`)."""
     big = [e for e in todo if e.kind == "file" and e.size >= SMALL_FILE]
     rest = [e for e in todo if not (e.kind == "file" and e.size >= SMALL_FILE)]
-    level = 0
-    if not _has(host, "gzip"):
-        pass  # an image without gzip gets the tar stream as is
-    elif compression == "always":
-        level = 6
-    elif compression == "auto" and total >= _WORTH_PROBING:
-        rate = await link_rate(host)
-        level = 0 if rate >= FAST_LINK else 1 if rate >= SLOW_LINK else 6
-    if level == 0:
+    codec, level = await _choose_codec(host, compression, total)
+    if codec == "raw":
         # Two raw lanes: the instance unpacks the many small files while the big ones stream.
-        return [lane for lane in (_Lane(rest, 0), _Lane(big, 0)) if lane.entries], "none"
+        return [lane for lane in (_Lane(rest), _Lane(big)) if lane.entries], "none"
+    # Big files that do not shrink go raw on their own lane: compressing them would only cost a core.
     verdicts = await in_thread(lambda: [compressible(e) for e in big])
     packed = [e for e, ok in zip(big, verdicts, strict=True) if ok]
     raw = [e for e, ok in zip(big, verdicts, strict=True) if not ok]
-    lanes = [lane for lane in (_Lane(rest + packed, level), _Lane(raw, 0)) if lane.entries]
-    return lanes, f"gzip-{level}"
+    lanes = [lane for lane in (_Lane(rest + packed, codec, level), _Lane(raw)) if lane.entries]
+    return lanes, _label(codec, level)
+
+
+Codec = Literal["raw", "gzip", "zstd"]
+
+
+async def _choose_codec(host: RemoteHost, compression: Compression, size: int | None = None) -> tuple[Codec, int]:
+    """The codec and level for a stream of `size` bytes (None: not known) between this machine and the
+    instance, either way.
+
+    zstd where both ends have it, unless the link is as fast as memory: at level 1 it packs text several times
+    faster than deflate at a similar ratio. Otherwise deflate (every image has gzip), which costs a core per
+    ~100 MB/s: the link's rate decides whether and how hard. Small transfers are not worth a probe."""
+    if compression == "never":
+        return "raw", 0
+    if "zstd" in host.tools and local_zstd() is not None:
+        if compression == "always":
+            return "zstd", 3
+        if size is not None and size < _WORTH_PROBING and host.link_rate is None:
+            return "zstd", 1
+        return ("zstd", 1) if await link_rate(host) < ZSTD_PAYS_BELOW else ("raw", 0)
+    if not _has(host, "gzip"):
+        return "raw", 0  # an image without gzip gets the tar stream as is
+    if compression == "always":
+        return "gzip", 6
+    if size is not None and size < _WORTH_PROBING:
+        return "raw", 0
+    rate = await link_rate(host)
+    level = 0 if rate >= FAST_LINK else 1 if rate >= SLOW_LINK else 6
+    return ("gzip", level) if level else ("raw", 0)
+
+
+def local_zstd() -> str | None:
+    """This machine's zstd, if it has one."""
+    return shutil.which("zstd")
+
+
+def _label(codec: Codec, level: int) -> str:
+    return f"{codec}-{level}" if codec != "raw" else "none"
 
 
 def _has(host: RemoteHost, tool: str) -> bool:
@@ -348,17 +394,24 @@ def _has(host: RemoteHost, tool: str) -> bool:
 
 
 def _learn_rate(host: RemoteHost, lanes: list[_Lane]) -> None:
-    # A raw lane's throughput is a floor for the link's: remember it so the next transfer needs no probe.
     for lane in lanes:
-        if lane.level == 0 and lane.wire >= 32 * 1024 * 1024 and lane.seconds > 0:
-            host.link_rate = max(host.link_rate or 0.0, lane.wire / lane.seconds)
+        if lane.codec == "raw":
+            _learn(host, lane.wire, lane.seconds)
+
+
+def _learn(host: RemoteHost, raw_bytes: int, seconds: float) -> None:
+    # A raw stream's throughput is a floor for the link's: remember it so the next transfer needs no probe.
+    if raw_bytes >= 32 * 1024 * 1024 and seconds > 0:
+        host.link_rate = max(host.link_rate or 0.0, raw_bytes / seconds)
+
+
+_UNPACK = {"raw": "tar -x -o -f -", "gzip": "gzip -dc | tar -x -o -f -", "zstd": "zstd -dcq | tar -x -o -f -"}
 
 
 async def _send_lane(host: RemoteHost, remote_dir: str, lane: _Lane, hash_files: bool, progress: _Progress) -> None:
     # `-o` is --no-same-owner on extraction for GNU tar and BusyBox alike (BusyBox has no long form).
-    unpack = "gzip -dc | tar -x -o -f -" if lane.level else "tar -x -o -f -"
     dest = remote_path_word(remote_dir)
-    command = f"mkdir -p -- {dest} && cd {dest} && {unpack}"
+    command = f"mkdir -p -- {dest} && cd {dest} && {_UNPACK[lane.codec]}"
     async with host.channel(command, encoding=None, window=BULK_WINDOW) as proc:
         await _send_lane_on(proc, lane, hash_files, progress, remote_dir)
 
@@ -366,37 +419,27 @@ async def _send_lane(host: RemoteHost, remote_dir: str, lane: _Lane, hash_files:
 async def _send_lane_on(
     proc: asyncssh.SSHClientProcess[bytes], lane: _Lane, hash_files: bool, progress: _Progress, remote_dir: str
 ) -> None:
-    send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](4)
     started = time.monotonic()
-    token = anyio.lowlevel.current_token()
-
-    def produce() -> None:
-        with send:
-            for content, chunk in tar_chunks(lane.entries, lane.stats, hash_files=hash_files):
-                data = gzip_member(chunk, lane.level) if lane.level else chunk
-                anyio.from_thread.run(send.send, (content, data), token=token)
-
     errors = bytearray()
 
     async def drain_stderr() -> None:
         while chunk := await proc.stderr.read(65536):
             errors.extend(chunk[: 65536 - len(errors)])
 
+    async def send(data: bytes) -> None:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        lane.wire += len(data)
+        progress.wire += len(data)
+        await progress.report()
+
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(drain_stderr)
-            tg.start_soon(_run_producer, produce)
-            files_before = 0
-            async with receive:
-                async for content, data in receive:
-                    proc.stdin.write(data)
-                    await proc.stdin.drain()
-                    lane.wire += len(data)
-                    progress.wire += len(data)
-                    progress.done += content
-                    progress.files += lane.stats.files - files_before
-                    files_before = lane.stats.files
-                    await progress.report()
+            if lane.codec == "zstd":
+                await _stream_zstd(lane, hash_files, progress, send)
+            else:
+                await _stream_chunks(lane, hash_files, progress, send)
             proc.stdin.write_eof()
             await proc.wait()
     except TRANSPORT_OR_GROUP as exc:
@@ -416,6 +459,95 @@ async def _send_lane_on(
             f"Unpacking on the instance failed (exit {proc.exit_status}): {why}. "
             "Check free disk space on the instance, then upload again."
         )
+
+
+async def _stream_chunks(
+    lane: _Lane, hash_files: bool, progress: _Progress, send: Callable[[bytes], Awaitable[None]]
+) -> None:
+    """The lane's tar stream, raw or as gzip members packed in the reading thread."""
+    sender, receive = anyio.create_memory_object_stream[tuple[int, bytes]](4)
+    token = anyio.lowlevel.current_token()
+
+    def produce() -> None:
+        with sender:
+            for content, chunk in tar_chunks(lane.entries, lane.stats, hash_files=hash_files):
+                data = gzip_member(chunk, lane.level) if lane.codec == "gzip" else chunk
+                anyio.from_thread.run(sender.send, (content, data), token=token)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_run_producer, produce)
+        files_before = 0
+        async with receive:
+            async for content, data in receive:
+                progress.done += content
+                progress.files += lane.stats.files - files_before
+                files_before = lane.stats.files
+                await send(data)
+
+
+async def _stream_zstd(
+    lane: _Lane, hash_files: bool, progress: _Progress, send: Callable[[bytes], Awaitable[None]]
+) -> None:
+    """The lane's tar stream through a local zstd process, which packs on another core (and threads of its own)
+    while this process reads files and encrypts. The reading thread writes straight into zstd's pipe."""
+    zstd = local_zstd()
+    assert zstd is not None
+    read_end, write_end = os.pipe()
+    try:
+        packer = await anyio.open_process(
+            [zstd, "-c", "-q", "-T0", f"-{lane.level}"], stdin=read_end, stderr=subprocess.DEVNULL
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    read_bytes = [0, 0]  # content bytes the reading thread has put into the pipe; what progress has of them
+    files = [0, 0]
+    owner = threading.Lock()  # the pipe's write end is closed by the thread, or here if the thread never ran
+    owned: list[str] = []
+
+    def produce() -> None:
+        with owner:
+            if owned:
+                return
+            owned.append("thread")
+        try:
+            for content, chunk in tar_chunks(lane.entries, lane.stats, hash_files=hash_files):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(write_end, view) :]  # blocks while zstd is behind; EPIPE once it is gone
+                read_bytes[0] += content  # written by this thread only; the event loop moves them into progress
+                files[0] = lane.stats.files
+        finally:
+            os.close(write_end)
+
+    def count() -> None:
+        progress.done += read_bytes[0] - read_bytes[1]
+        progress.files += files[0] - files[1]
+        read_bytes[1], files[1] = read_bytes[0], files[0]
+
+    async with packer:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_run_producer, produce)
+                assert packer.stdout is not None
+                async for data in packer.stdout:
+                    count()
+                    await send(data)
+                with anyio.fail_after(_PACKER_EXIT_S):
+                    await packer.wait()
+            count()
+            if packer.returncode != 0:
+                raise TransferError(f"zstd on this machine failed (exit {packer.returncode}); upload again.")
+        finally:
+            # Cancelled or failed: zstd goes, and a reading thread blocked on its full pipe gets a broken pipe.
+            with contextlib.suppress(ProcessLookupError):
+                packer.kill()
+            with owner:
+                if not owned:
+                    owned.append("here")
+                    os.close(write_end)
 
 
 async def _run_producer(produce: Callable[[], None]) -> None:
@@ -562,12 +694,6 @@ async def _download(
     if not remote_paths:
         raise TransferError("Name at least one remote path to download.")
     groups = [_split_remote(p) for p in remote_paths]
-    level = 0
-    if compression == "always":
-        level = 6
-    elif compression == "auto":
-        rate = await link_rate(host)
-        level = 0 if rate >= FAST_LINK else 1 if rate >= SLOW_LINK else 6
     pack = _pack_script(groups)
     # Python where the image has it (faster), else sha256sum with or without -z.
     sums = "; ".join(
@@ -577,15 +703,8 @@ async def _download(
         + "; fi; })"
         for d, g in groups
     )
-    codec = "raw"
-    if level and not _has(host, "gzip"):
-        level = 0
-    if level:
-        # zstd where both ends have it: several times gzip's speed at a better ratio, and it passes
-        # incompressible data through almost for free. gzip otherwise, which every image has.
-        codec = "zstd" if "zstd" in host.tools and shutil.which("zstd") else "gzip"
-    zlevel = 3 if level > 1 else 1
-    compressor = {"raw": "", "gzip": f" | gzip -c -{level}", "zstd": f" | zstd -c -q -T0 -{zlevel}"}
+    codec, level = await _choose_codec(host, compression)
+    compressor = {"raw": "", "gzip": f" | gzip -c -{level}", "zstd": f" | zstd -c -q -T0 -{level}"}
     command = f"{{ {pack}; }}{compressor[codec]}"
     progress = _Progress(on_progress, "download")
     dest = await in_thread(lambda: Path(local_dir).expanduser().absolute())
@@ -643,6 +762,8 @@ async def _download(
             exc,
             lambda lost: TransferError(f"The download was cut off ({type(lost).__name__}: {lost}). Download again."),
         )
+    if codec == "raw":
+        _learn(host, progress.wire, time.monotonic() - started)
     files_hashes: dict[str, str] = report.get("hashes", {})
     refused: list[str] = report.get("refused", [])
     if report.get("error"):
@@ -664,7 +785,7 @@ async def _download(
         bytes=progress.done,
         wire_bytes=progress.wire,
         seconds=time.monotonic() - started,
-        compression={"raw": "none", "gzip": f"gzip-{level}", "zstd": f"zstd-{zlevel}"}[codec],
+        compression=_label(codec, level),
         verified=len(verified),
         mismatched=mismatched + unconfirmed,
         refused=refused,

@@ -134,6 +134,10 @@ class NamespaceSshdHost(DiskHost):
             return None
         return self._relay.port
 
+    def carried(self) -> tuple[int, int]:
+        """Bytes this host's SSH port carried (to it, from it) since it booted (see `Relay.carried`)."""
+        return self._relay.carried() if self._relay is not None else (0, 0)
+
     async def start(self) -> None:
         async with self._get_lock():
             if self._state == "destroyed":
