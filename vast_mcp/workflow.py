@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 
 from .approval import ApprovedBy, Grant, request_digest
 from .consent import Quote
+from .deadman import FETCHED_COMMAND, run_marker_command
 from .errors import (
     AuthError,
     CapExceededError,
@@ -49,6 +50,7 @@ from .results import (
     RunView,
     watchdog_warning,
 )
+from .runstore import RunStore
 from .service import CreateRequest, Progress, Service, quote_view
 from .vast.query import OfferFilters
 
@@ -68,6 +70,7 @@ LOG_NOTE_S = 5.0  # bound on fetching an instance's log to explain a failure
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?Z?\s*")
 CANCEL_WAIT_S = 0.3  # what session teardown grants runs to stop before it destroys their instances
 RESULTS_FOLDER = "vast-results"
+SAVE_EVERY_S = 1.0  # a run is saved to the ledger at most this often (and at least this often it checks for a cancel)
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,12 @@ class _Try:
         )
 
 
+_SECRETS_GONE = (
+    "The session that started this run ended before its job started, and the job needs secret values, which are "
+    "never stored. Call run_job again."
+)
+
+
 class _RunFailed(Exception):
     """Ends a run: the message says why, in words for the user."""
 
@@ -286,6 +295,12 @@ class Run:
     receipt: RunReceipt | None = None
     finished_at: float | None = None
     warnings: list[str] = field(default_factory=list)  # found before the job started (e.g. no dead-man's switch)
+    started_wall: float = field(default_factory=time.time)
+    origin_session: str = ""  # the session whose user approved the run
+    resumed: bool = False  # taken over from the ledger (its session is gone): pick up where it stood
+    fetch: bool = False  # resumed to fetch results waiting on a stopped instance: start it first
+    detached: bool = False  # its session ended and left it to the supervisor: not cancelled, not destroyed
+    waiting_since: float | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -362,6 +377,8 @@ class RunBook:
         self.service = service
         self._tg = task_group
         self._runs: dict[str, Run] = {}
+        self.store = RunStore(service.ledger)
+        self.supervised = False  # this book is the supervisor's: what it finishes was not seen by any user yet
         service.run_instances = self.instances
 
     # --- runs ---------------------------------------------------------------------------------------------------
@@ -369,10 +386,42 @@ class RunBook:
     def start(self, spec: RunSpec, grant: Grant) -> Run:
         """Start the approved run in the session's task group."""
         plan = RunPlan(spec, grant.quote, grant.ceiling_dph, grant.ceiling_why)
-        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant)
+        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant, origin_session=self.service.session_id)
+        self._runs[run.id] = run
+        self._tg.start_soon(self._execute, run)
+        if self.service.settings.supervise:
+            from .supervisor import ensure_supervisor
+
+            ensure_supervisor(self.service.settings)  # so the run goes on even if this server is SIGKILLed
+        return run
+
+    def resume(self, run: Run) -> Run:
+        """Follow a run taken over from the ledger (see `runcodec.run_of`), from where it stood."""
         self._runs[run.id] = run
         self._tg.start_soon(self._execute, run)
         return run
+
+    def find(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    async def detach(self) -> list[Run]:
+        """The session ends: runs the supervisor can finish are left to it (saved as running, their instances held),
+        the others stop and their instances go with the session. Returns the runs left to the supervisor."""
+        left = []
+        for run in self._runs.values():
+            if run.status == "running" and self.service.settings.supervise and self._can_go_on(run):
+                run.detached = True
+                left.append(run)
+            run.scope.cancel()
+        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
+            for run in self._runs.values():
+                await run.done.wait()
+        return left
+
+    @staticmethod
+    def _can_go_on(run: Run) -> bool:
+        """Secret values are never stored, so a run whose job still needs them cannot be started by anyone else."""
+        return run.job_id is not None or not run.spec.secrets
 
     def active(self) -> bool:
         """Whether any run is still going (its client may be silent for hours while it does)."""
@@ -393,18 +442,10 @@ class RunBook:
         if run is None:
             known = ", ".join(self._runs) or "none"
             raise VastMCPError(
-                f"No run {run_id!r} in this session (runs of this session: {known}). Runs do not survive the "
-                "session; check list_instances for what exists."
+                f"No run {run_id!r} in this session (runs of this session: {known}). Call run_status without "
+                "run_id to list the runs of earlier sessions."
             )
         return run
-
-    async def aclose(self) -> None:
-        """Stop every run now (the session is ending); teardown destroys what they rented."""
-        for run in self._runs.values():
-            run.scope.cancel()
-        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
-            for run in self._runs.values():
-                await run.done.wait()
 
     async def view(
         self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES, *, with_approval: bool = False
@@ -472,22 +513,59 @@ class RunBook:
     # --- the workflow -------------------------------------------------------------------------------------------
 
     async def _execute(self, run: Run) -> None:
-        """The run's task. Cancelled only when the session ends: then the session's teardown, not the run,
-        destroys what it rented (one destroyer, within the host's short shutdown window)."""
+        """The run's task. Cancelled only when the session ends: then either the run is left to the supervisor
+        (`detach`), or the session's teardown, not the run, destroys what it rented (one destroyer, within the
+        host's short shutdown window). The run is saved to the ledger as it goes, and stops when a cancel is asked
+        from outside (`vast-mcp runs cancel`)."""
         try:
-            with run.scope:
-                await self._workflow(run)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_saved, run)
+                with run.scope:
+                    await self._workflow(run)
+                tg.cancel_scope.cancel()
         finally:
-            if run.status == "running":
+            if run.status == "running" and not run.detached:
                 run.status, run.phase = "cancelled", "done"
                 run.detail = "the session ended before the run finished; its instance is destroyed with the session"
                 run.finished_at = time.monotonic()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self._save(run)
             run.done.set()
             run.touch()
 
+    async def _keep_saved(self, run: Run) -> None:
+        """Save the run at each change (at most once a second), and stop it when a cancel was asked from outside."""
+        while True:
+            changed = run.changed()
+            await self._save(run)
+            try:
+                if await self.store.cancel_requested(run.id):
+                    run.detail = "cancelled from the command line; its instances are destroyed"
+                    run.scope.cancel()
+                    return
+            except VastMCPError as exc:
+                log.warning("run %s: reading the ledger failed: %s", run.id, exc)
+            with anyio.move_on_after(SAVE_EVERY_S):
+                await changed.wait()
+            await anyio.sleep(SAVE_EVERY_S / 4)
+
+    async def _save(self, run: Run) -> None:
+        from .runcodec import record_of
+
+        try:
+            await self.store.save(await record_of(run, self.service, reported=not self.supervised))
+        except Exception as exc:  # a run must not die of its bookkeeping; the next save tries again
+            log.warning("run %s could not be saved to the ledger: %s", run.id, exc)
+
     async def _workflow(self, run: Run) -> None:
         try:
-            current = await self._rent(run)
+            if run.resumed:
+                resumed = await self._resume_point(run)
+                if resumed is None:
+                    return  # its results wait on a stopped instance, for the user to fetch
+                current = resumed
+            else:
+                current = await self._rent(run)
             await self._job(run, current)
         except _RunFailed as exc:
             await self._finish(run, "failed", str(exc))
@@ -500,13 +578,82 @@ class RunBook:
             log.exception("run %s failed unexpectedly", run.id)
             await self._finish(run, "failed", "internal error in the run (see the server log)")
 
+    async def _resume_point(self, run: Run) -> _Try | None:
+        """Where a run taken over from the ledger stands: the machine to go on with (ready, its job started or not),
+        a fresh rent when its machine never got going, or None when the run now waits for the user (its instance
+        was stopped by its watchdog, with the results on its disk)."""
+        current = run.tries[-1] if run.tries else None
+        if current is None or current.instance_id is None or current.destroyed or current.outcome == "failed":
+            if current is not None and current.outcome == "starting":
+                current.outcome, current.reason = "failed", "its session ended while it was being rented"
+            if not self._can_go_on(run):
+                raise _RunFailed(_SECRETS_GONE)
+            return await self._rent(run)
+        iid = current.instance_id
+        inst = await self.service.client.show_instance(iid)
+        if inst is None:
+            current.destroyed = True
+            raise _RunFailed(f"Instance {iid} of this run no longer exists on Vast; what was on its disk is gone.")
+        if inst.is_dead:
+            if not run.fetch:
+                await self._wait_for_user(run, current)
+                return None
+            row = await self.service.own(iid)
+            if row is not None:
+                await self.service.ledger.set_keep(row.row_id, False)  # it follows the run again
+            run.touch("booting", f"starting stopped instance {iid} to fetch the results")
+            await self.service.client.start_instance(iid)
+        if run.job_id is None:
+            if not self._can_go_on(run):
+                raise _RunFailed(_SECRETS_GONE)
+            reason = await self._prepare(run, current)
+        else:
+            reason = await self._await_ready(run, current)
+        if reason is None:
+            current.outcome = "used"
+            run.touch()
+            return current
+        if run.job_id is not None:
+            raise _RunFailed(f"The machine that ran the job cannot be used any more: {reason}.")
+        current.outcome, current.reason = "failed", reason
+        await self._destroy(run, current)
+        return await self._rent(run)
+
+    async def _wait_for_user(self, run: Run, current: _Try) -> None:
+        """The run's instance is stopped (its watchdog's doing, nobody being connected): it bills only its disk,
+        which holds the results. It waits, kept, until the user fetches or destroys it (or it expires)."""
+        assert current.instance_id is not None
+        row = await self.service.own(current.instance_id)
+        if row is not None:
+            # Kept: neither the limit enforcer nor a session's teardown destroys it; `sessions_start` expires it.
+            await self.service.ledger.set_keep(row.row_id, True)
+        run.status = "waiting"
+        run.waiting_since = time.time()
+        run.touch(
+            "done",
+            f"the job ended while nobody was connected and instance {current.instance_id} was stopped with the "
+            "results on its disk",
+        )
+
+    async def _mark_instance(self, iid: int, command: str) -> None:
+        """Tell the instance's watchdog how the run stands (best effort: without it, it treats it as any instance)."""
+        if self.service.settings.lease_s is None:
+            return
+        with anyio.move_on_after(20):
+            try:
+                host = await self.service.connected(iid)
+                await host.check(command, time_limit=15.0)
+            except VastMCPError as exc:
+                log.info("instance %s: could not update its watchdog: %s", iid, exc)
+
     async def _rent(self, run: Run) -> _Try:
         """Rent machines one after the other until one is ready (and has the uploads), within the approval."""
         spec = run.spec
-        excluded_machines: set[int] = set()
-        tried_offers: set[int] = set()
-        grant: Grant | None = run.grant
-        for number in range(1, spec.max_tries + 1):
+        # A resumed run goes on after the machines it already tried (they count against max_tries).
+        excluded_machines = {t.machine_id for t in run.tries if t.outcome == "failed" and t.machine_id is not None}
+        tried_offers = {t.offer_id for t in run.tries}
+        grant: Grant | None = None if run.tries else run.grant
+        for number in range(len(run.tries) + 1, spec.max_tries + 1):
             if grant is None:
                 run.touch("renting", f"looking for another offer (try {number} of {spec.max_tries})")
                 grant = await self._next_grant(run, excluded_machines, tried_offers)
@@ -582,6 +729,12 @@ class RunBook:
             return f"the instance's real price was above the quote ({exc})"
         assert created.instance_id is not None
         current.instance_id = run.instance_id = created.instance_id
+        return await self._prepare(run, current)
+
+    async def _prepare(self, run: Run, current: _Try) -> str | None:
+        """Wait until the machine is usable, then upload. None when it is ready for the job, else why not."""
+        service, spec = self.service, run.spec
+        assert current.instance_id is not None
         reason = await self._await_ready(run, current)
         if reason is not None:
             return reason
@@ -693,17 +846,23 @@ class RunBook:
         assert current.instance_id is not None
         iid = current.instance_id
         problem: str | None = None
-        run.touch("running", "starting the job")
-        try:
-            job = await service.start_job(iid, spec.script(), workdir=None, env=spec.env, secrets=spec.secrets)
-        except VastMCPError as exc:
-            problem = f"The job could not be started: {exc}"
-        else:
-            run.job_id = job.job_id
-            run.job_started = time.monotonic()
-            run.touch(detail=f"job {job.job_id} running")
-            problem = await self._watch(run, iid, job.job_id)
+        if run.job_id is not None:  # resumed: the job was started by the session that is gone
+            run.touch("running", f"job {run.job_id}: following it again")
+            problem = await self._watch(run, iid, run.job_id)
             run.job_ended = time.monotonic()
+        else:
+            run.touch("running", "starting the job")
+            try:
+                job = await service.start_job(iid, spec.script(), workdir=None, env=spec.env, secrets=spec.secrets)
+            except VastMCPError as exc:
+                problem = f"The job could not be started: {exc}"
+            else:
+                run.job_id = job.job_id
+                run.job_started = time.monotonic()
+                run.touch(detail=f"job {job.job_id} running")
+                await self._mark_instance(iid, run_marker_command(job.job_id, results=bool(spec.results)))
+                problem = await self._watch(run, iid, job.job_id)
+                run.job_ended = time.monotonic()
         if problem is None and run.exit_code not in (0, None):
             problem = f"The job exited with code {run.exit_code}; the end of its log is in the receipt."
         missing: list[str] = []
@@ -717,6 +876,7 @@ class RunBook:
                 with anyio.fail_after(TRANSFER_BOUND_S):
                     got = await service.download(iid, spec.remote_results(), str(results_dir))
                 files, missing, refused = got.files, got.missing, got.refused
+                await self._mark_instance(iid, FETCHED_COMMAND)
             except (VastMCPError, TimeoutError) as exc:
                 note = f"The results could not be downloaded: {exc or 'no progress within the bound'}"
                 problem = f"{problem} {note}" if problem else note
