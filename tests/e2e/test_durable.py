@@ -1,0 +1,86 @@
+"""Runs outlive their client (see `durable_scenarios.py`): whichever way the client, the server and the
+supervisor go away mid-job, the results land in the declared local folder and the cloud ends with nothing alive;
+and `vast-mcp runs cancel` ends a run at once, whoever follows it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from durable_scenarios import SCENARIOS, Durable, run_durable, stop_supervisor
+from reliability_scenarios import Run, simulated_cloud
+
+pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
+
+
+@pytest.mark.parametrize("case", [c for c in SCENARIOS if c != "uninterrupted"])
+async def test_the_run_finishes_whoever_goes_away(tmp_path: Path, case: str) -> None:
+    out = await run_durable(case, tmp_path)
+    assert not out.problems, out
+    assert out.results_landed, out
+    assert out.run_state == "succeeded", out
+    assert out.instances_left == 0, out
+    assert out.work_redone_s == 0, out
+    assert out.taken_over, "the server that started the run did not finish it"
+
+
+async def test_a_later_session_reports_the_run_and_its_receipt(tmp_path: Path) -> None:
+    with simulated_cloud(tmp_path) as server:
+        world = Durable(Run(tmp_path, "report", server))
+        try:
+            async with world.stdio() as client:
+                run_id = await world.start(client)
+                await world.until_job_runs(client, run_id)
+            assert await world.until_state(run_id, ("succeeded",)) == "succeeded"
+            async with world.stdio() as client:  # a new server process: nothing of the run in its memory
+                listed = await world.run.data(client, "run_status", {})
+                assert any(run_id in n and "succeeded" in n for n in listed["notices"]), listed
+                assert [r["run_id"] for r in listed["runs"]] == [run_id]
+                view = await world.run.data(client, "run_status", {"run_id": run_id, "wait_s": 0})
+                assert view["status"] == "succeeded" and view["receipt"]["result_files"] == 1, view
+                assert view["receipt"]["results_dir"] == str(world.results)
+            async with world.stdio() as client:
+                again = await world.run.data(client, "run_status", {})
+                assert not again["notices"], "a run is reported to one session start only"
+                assert again["runs"][0]["status"] == "succeeded"
+        finally:
+            await stop_supervisor(world)
+
+
+async def test_cancel_from_the_command_line_destroys_at_once(tmp_path: Path) -> None:
+    with simulated_cloud(tmp_path) as server:
+        world = Durable(Run(tmp_path, "cancel", server))
+        try:
+            async with world.stdio() as client:
+                run_id = await world.start(client, seconds=600)
+                await world.until_job_runs(client, run_id)
+                done = await anyio.to_thread.run_sync(
+                    lambda: subprocess.run(
+                        [sys.executable, "-m", "vast_mcp", "runs", "cancel", run_id],
+                        env=world.run.env(**world.env()),
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
+                )
+                assert done.returncode == 0, done.stderr
+                assert "1 destroyed" in done.stdout, done.stdout
+                assert [r["destroyed"] for r in await world.sim_rows()] == [True]
+                view = await world.run.data(client, "run_status", {"run_id": run_id, "wait_s": 10})
+                assert view["status"] == "cancelled", view
+            assert await world.until_state(run_id, ("cancelled",), within=5) == "cancelled"
+            listed = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "vast_mcp", "runs"],
+                    env=world.run.env(**world.env()),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            )
+            assert run_id in listed.stdout and "cancelled" in listed.stdout, listed.stdout
+        finally:
+            await stop_supervisor(world)
