@@ -191,7 +191,9 @@ class RunPlan:
             f"Run a job: {q.describe()}{job}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
             f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
             f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
-            f"{kept}{cap_words}"
+            f"{kept} If this conversation ends first, the run goes on under a supervisor on this computer; if that is "
+            "gone too and the results cannot be fetched, the instance is stopped, billing only its disk, until you "
+            f"fetch or destroy them.{cap_words}"
         )
 
     def view(self, approved_by: ApprovedBy | None, *, with_id: bool = False) -> RunApprovalView:
