@@ -30,7 +30,7 @@ def table(outcomes: list[DurableOutcome], baseline_usd: float) -> str:
     head = f"{'scenario':<{width}}  {'results':>7}  {'state':>9}  {'work lost s':>11}  {'extra $':>9}  {'left':>4}"
     lines = [head, "-" * len(head)]
     for o in outcomes:
-        extra = o.cost_usd - baseline_usd
+        extra = round(o.cost_usd - baseline_usd, 5) + 0.0  # + 0.0: no "-0.00000"
         lines.append(
             f"{o.case:<{width}}  {'landed' if o.results_landed else 'LOST':>7}  {o.run_state or '-':>9}  "
             f"{o.work_redone_s:>11.0f}  {extra:>+9.5f}  {o.instances_left:>4}"
@@ -56,7 +56,8 @@ def main() -> int:
     print(f"job: {JOB_S} s of work with results; baseline (uninterrupted) cost ${baseline:.5f}\n")
     print(table(outcomes, baseline))
     bad = [o for o in outcomes if not o.ok]
-    print(f"\n{len(outcomes)} scenarios in {time.monotonic() - started:.0f} s; {len(bad)} with results lost or left over.")
+    took = time.monotonic() - started
+    print(f"\n{len(outcomes)} scenarios in {took:.0f} s; {len(bad)} with results lost or left over.")
     return 1 if bad else 0
 
 

@@ -69,7 +69,7 @@ async def _host_session(
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     if left:
-                        ensure_supervisor(settings)
+                        await anyio.to_thread.run_sync(ensure_supervisor, settings)
                         log.warning(
                             "session %s ended: run(s) %s go on under the supervisor",
                             service.session_id,

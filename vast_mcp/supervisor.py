@@ -185,8 +185,8 @@ async def session_start(service: Service) -> None:
             )
             continue
         service.notices.append(await waiting_words(service, rec))
-    if settings.supervise and await store.unfinished(scope) and not supervisor_running(settings.state_dir):
-        ensure_supervisor(settings)
+    if settings.supervise and await store.unfinished(scope):
+        await anyio.to_thread.run_sync(ensure_supervisor, settings)
 
 
 async def waiting_words(service: Service, rec: RunRecord) -> str:

@@ -394,7 +394,8 @@ class RunBook:
         if self.service.settings.supervise:
             from .supervisor import ensure_supervisor
 
-            ensure_supervisor(self.service.settings)  # so the run goes on even if this server is SIGKILLed
+            # Started now, so the run goes on even if this server is SIGKILLed and nobody runs its teardown.
+            self._tg.start_soon(anyio.to_thread.run_sync, ensure_supervisor, self.service.settings)
         return run
 
     def resume(self, run: Run) -> Run:

@@ -174,9 +174,9 @@ async def server_killed(world: Durable) -> str:
     return run_id
 
 
-async def supervisor_killed(world: Durable) -> str:
-    """The supervisor and the server SIGKILLed while the job runs: the instance's watchdog stops the instance
-    when the job ends (results on its disk); the next session finds the run waiting and fetches it."""
+async def left_stopped(world: Durable) -> tuple[str, int]:
+    """Start a run, SIGKILL the supervisor and then the server mid-job, and wait until the instance's watchdog has
+    stopped the instance (the job ended, nobody fetched its results). The run's id and its instance's."""
     with contextlib.suppress(Exception):
         async with world.stdio() as client:
             run_id = await world.start(client)
@@ -198,6 +198,13 @@ async def supervisor_killed(world: Durable) -> str:
         assert time.monotonic() < deadline, f"the watchdog never stopped instance {iid}: {await world.sim_rows()}"
         await anyio.sleep(0.5)
     world.run.note(f"instance {iid} stopped by its watchdog with the results on its disk")
+    return run_id, iid
+
+
+async def supervisor_killed(world: Durable) -> str:
+    """The supervisor and the server SIGKILLed while the job runs: the instance's watchdog stops the instance
+    when the job ends (results on its disk); the next session finds the run waiting and fetches it."""
+    run_id, _ = await left_stopped(world)
     async with world.stdio() as client:
         view: dict[str, Any] = {}
         for _ in range(60):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from durable_scenarios import SCENARIOS, Durable, run_durable, stop_supervisor
+from durable_scenarios import SCENARIOS, Durable, left_stopped, run_durable, stop_supervisor
 from reliability_scenarios import Run, simulated_cloud
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
@@ -82,5 +82,24 @@ async def test_cancel_from_the_command_line_destroys_at_once(tmp_path: Path) -> 
                 )
             )
             assert run_id in listed.stdout and "cancelled" in listed.stdout, listed.stdout
+        finally:
+            await stop_supervisor(world)
+
+
+async def test_a_stopped_run_instance_past_the_keep_limit_is_destroyed_at_the_next_start(tmp_path: Path) -> None:
+    with simulated_cloud(tmp_path) as server:
+        world = Durable(Run(tmp_path, "expiry", server))
+        try:
+            run_id, iid = await left_stopped(world)
+            async with world.stdio() as client:  # its supervisor finds the run's instance stopped: it waits
+                assert await world.until_state(run_id, ("waiting",)) == "waiting"
+                listed = await world.run.data(client, "run_status", {})
+                assert listed["runs"][0]["status"] == "waiting", listed
+            async with world.stdio(VAST_MCP_STOPPED_KEEP_DAYS="0") as client:
+                listed = await world.run.data(client, "run_status", {})
+                assert any(run_id in n and "destroyed" in n for n in listed["notices"]), listed
+            assert [r["destroyed"] for r in await world.sim_rows() if r["id"] == iid] == [True]
+            assert await world.until_state(run_id, ("cancelled",), within=5) == "cancelled"
+            assert not (world.results / "out").exists(), "nothing was fetched"
         finally:
             await stop_supervisor(world)
