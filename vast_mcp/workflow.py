@@ -541,16 +541,17 @@ class RunBook:
         while True:
             changed = run.changed()
             await self._save(run)
-            try:
-                if await self.store.cancel_requested(run.id):
-                    run.detail = "cancelled from the command line; its instances are destroyed"
-                    run.scope.cancel()
-                    return
-            except VastMCPError as exc:
-                log.warning("run %s: reading the ledger failed: %s", run.id, exc)
-            with anyio.move_on_after(SAVE_EVERY_S):
-                await changed.wait()
-            await anyio.sleep(SAVE_EVERY_S / 4)
+            while not changed.is_set():  # a run that waits on a long job writes nothing, but still hears a cancel
+                try:
+                    if await self.store.cancel_requested(run.id):
+                        run.detail = "cancelled from outside this session; its instances are destroyed"
+                        run.scope.cancel()
+                        return
+                except VastMCPError as exc:
+                    log.warning("run %s: reading the ledger failed: %s", run.id, exc)
+                with anyio.move_on_after(SAVE_EVERY_S):
+                    await changed.wait()
+            await anyio.sleep(SAVE_EVERY_S / 4)  # a burst of changes is one write
 
     async def _save(self, run: Run) -> None:
         from .runcodec import record_of
@@ -587,6 +588,12 @@ class RunBook:
         was stopped by its watchdog, with the results on its disk)."""
         current = run.tries[-1] if run.tries else None
         if current is None or current.instance_id is None or current.destroyed or current.outcome == "failed":
+            if run.job_id is not None:
+                # Its session ended between the download and the receipt: the job is not run a second time.
+                raise _RunFailed(
+                    f"The instance that ran job {run.job_id} is gone; whatever was downloaded before its session "
+                    "ended is in the results folder."
+                )
             if current is not None and current.outcome == "starting":
                 current.outcome, current.reason = "failed", "its session ended while it was being rented"
             if not self._can_go_on(run):

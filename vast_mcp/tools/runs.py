@@ -48,6 +48,7 @@ from .common import (
 )
 
 DEFAULT_RUN_IMAGE = "pytorch/pytorch"
+STORED_POLL_S = 2.0  # how often run_status re-reads a run another process follows
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,11 @@ def register(mcp: MCPServer) -> None:
                 rec = await book.store.get(run_id)
                 if rec is None or rec.scope != service.scope:
                     book.get(run_id)  # raises, naming the runs of this session
+                assert rec is not None
+                with anyio.move_on_after(wait_s):  # another process follows it: watch the ledger for its end
+                    while rec is not None and rec.state in ("running", "recovering"):
+                        await anyio.sleep(STORED_POLL_S)
+                        rec = await book.store.get(run_id)
                 assert rec is not None
                 stored = await stored_view(service, rec)
                 return tool_result(stored, stored.summary())
