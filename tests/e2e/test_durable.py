@@ -10,8 +10,21 @@ from pathlib import Path
 
 import anyio
 import pytest
-from durable_scenarios import SCENARIOS, Durable, left_stopped, run_durable, stop_supervisor
+from durable_scenarios import (
+    LEASE_S,
+    RESULT,
+    SCENARIOS,
+    Durable,
+    job_command,
+    left_stopped,
+    run_durable,
+    stop_supervisor,
+)
+from e2e_helpers import alive, call
 from reliability_scenarios import Run, simulated_cloud
+from test_http import connect, destroyed, rent, serving, until
+
+from vast_mcp.sim.server import SimServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
 
@@ -103,3 +116,34 @@ async def test_a_stopped_run_instance_past_the_keep_limit_is_destroyed_at_the_ne
             assert not (world.results / "out").exists(), "nothing was fetched"
         finally:
             await stop_supervisor(world)
+
+
+async def test_an_http_client_that_deletes_its_session_leaves_its_run_to_the_supervisor(
+    cloud_server: SimServer, tmp_path: Path
+) -> None:
+    results = tmp_path / "results"
+    state = tmp_path / "state"
+    env = {"VAST_MCP_ROOTS": str(tmp_path), "VAST_MCP_LEASE_S": LEASE_S}
+    async with serving(cloud_server, state, **env) as server:
+        async with connect(server.url) as client:  # deletes its MCP session when it leaves
+            idle = await rent(client)
+            args = {
+                "command": job_command(),
+                "max_runtime_hours": 1,
+                "disk_gb": 16,
+                "results": ["out"],
+                "local_results_dir": str(results),
+            }
+            run_id = (await call(client, "run_job", args))["run_id"]
+            for _ in range(60):
+                view = await call(client, "run_status", {"run_id": run_id, "wait_s": 1})
+                if view["job_id"] and view["phase"] == "running":
+                    break
+        await until(lambda: destroyed(cloud_server, idle), within=60)  # an instance with no run goes as before
+        world = Durable(Run(tmp_path, "http", cloud_server))
+        assert await world.until_state(run_id, ("succeeded", "failed", "cancelled")) == "succeeded"
+        rec = await world.record(run_id)
+        assert rec is not None and rec.state == "succeeded" and rec.session_id != rec.origin_session, rec
+        assert RESULT in (results / "out" / "model.txt").read_text()
+        assert not alive(cloud_server)
+        assert server.process.returncode is None
