@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, cast, get_args
 
 from .consent import Quote
@@ -17,7 +18,7 @@ from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunTry, RunView
 from .runstore import MachineRecord, RunRecord, RunStore
 from .service import Service
 from .vast.query import OfferFilters
-from .workflow import Run, RunPlan, RunSpec, _Try
+from .workflow import RESULTS_FOLDER, Run, RunPlan, RunSpec, _Try
 
 _STATES = {"running": "running", "waiting": "waiting", "succeeded": "succeeded", "failed": "failed"}
 
@@ -98,9 +99,12 @@ async def record_of(run: Run, service: Service, *, reported: bool) -> RunRecord:
     receipt = None
     if run.receipt is not None:
         receipt = {**run.receipt.model_dump(mode="json"), "log_tail": run.receipt.log_tail}
-    results_dir = run.spec.results_dir
+    results_dir = None
     if run.spec.results:
-        results_dir = str(service.local_path(results_dir or f"vast-results/{run.id}", must_exist=False))
+        if run.results_path is None:
+            raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
+            run.results_path = service.local_path(raw, must_exist=False)
+        results_dir = str(run.results_path)
     grant = run.grant
     return RunRecord(
         id=run.id,
@@ -145,6 +149,8 @@ def run_of(rec: RunRecord, service: Service, *, fetch: bool = False) -> Run:
     quote = quote_of(approval["quote"])
     grant = service.approvals.recorded(quote, approval["approved_by"], approval["ceiling_dph"], approval["ceiling_why"])
     spec = spec_of(rec.spec)
+    if rec.results_dir:
+        service.run_folders.append(Path(rec.results_dir))
     now_wall, now_mono = time.time(), time.monotonic()
     run = Run(
         id=rec.id,
@@ -158,6 +164,7 @@ def run_of(rec: RunRecord, service: Service, *, fetch: bool = False) -> Run:
         instance_id=rec.instance_id,
         job_id=rec.job_id,
         waiting_since=rec.waiting_since,
+        results_path=Path(rec.results_dir) if rec.results_dir else None,
     )
     if rec.job_started_at is not None:
         run.job_started = now_mono - (now_wall - rec.job_started_at)

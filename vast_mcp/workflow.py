@@ -303,6 +303,7 @@ class Run:
     fetch: bool = False  # resumed to fetch results waiting on a stopped instance: start it first
     detached: bool = False  # its session ended and left it to the supervisor: not cancelled, not destroyed
     waiting_since: float | None = None
+    results_path: Path | None = None  # where the results go, once resolved (checked against the roots then)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -960,8 +961,12 @@ class RunBook:
         return None
 
     def _results_dir(self, run: Run) -> Path:
-        raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
-        return self.service.local_path(raw, must_exist=False)
+        """The local results folder: checked against the allowed folders when the run was approved, so a process
+        that takes the run over (from another working directory) writes where the user agreed."""
+        if run.results_path is None:
+            raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
+            run.results_path = self.service.local_path(raw, must_exist=False)
+        return run.results_path
 
     async def _finish(
         self,

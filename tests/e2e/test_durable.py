@@ -118,6 +118,32 @@ async def test_a_stopped_run_instance_past_the_keep_limit_is_destroyed_at_the_ne
             await stop_supervisor(world)
 
 
+async def test_results_waiting_on_a_stopped_instance_are_fetched_from_the_command_line(tmp_path: Path) -> None:
+    with simulated_cloud(tmp_path) as server:
+        world = Durable(Run(tmp_path, "fetch", server))
+        try:
+            run_id, iid = await left_stopped(world)
+            async with world.stdio() as client:  # its supervisor finds the run's instance stopped: it waits
+                assert await world.until_state(run_id, ("waiting",)) == "waiting"
+                view = await world.run.data(client, "run_status", {"run_id": run_id, "wait_s": 0})
+                assert view["status"] == "waiting" and "/day" in view["message"], view
+            done = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "vast_mcp", "runs", "fetch", run_id],
+                    env=world.run.env(**world.env()),
+                    capture_output=True,
+                    text=True,
+                    timeout=180,
+                )
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert RESULT in (world.results / "out" / "model.txt").read_text()
+            assert [r["destroyed"] for r in await world.sim_rows() if r["id"] == iid] == [True]
+            assert await world.until_state(run_id, ("succeeded",), within=5) == "succeeded"
+        finally:
+            await stop_supervisor(world)
+
+
 async def test_an_http_client_that_deletes_its_session_leaves_its_run_to_the_supervisor(
     cloud_server: SimServer, tmp_path: Path
 ) -> None:
