@@ -891,6 +891,16 @@ class RunBook:
             except (VastMCPError, TimeoutError) as exc:
                 note = f"The results could not be downloaded: {exc or 'no progress within the bound'}"
                 problem = f"{problem} {note}" if problem else note
+                if run.fetch:
+                    # That disk is the only copy of the results: stopped again, they wait for another fetch.
+                    with anyio.move_on_after(60):
+                        try:
+                            await service.client.stop_instance(iid)
+                        except VastMCPError as stop_exc:
+                            log.warning("run %s: stopping instance %s again failed: %s", run.id, iid, stop_exc)
+                    await self._wait_for_user(run, current)
+                    run.touch(detail=f"{note}; instance {iid} was stopped again with the results on its disk")
+                    return
         failed = problem is not None
         if failed and spec.keep_on_failure:
             await service.keep(iid, True)  # the user's approval of the run said so (RunPlan.question)
@@ -938,7 +948,12 @@ class RunBook:
                 await anyio.sleep(min(2.0**failures, 15.0))
                 continue
             failures = 0
-            run.append_log(chunk.text)
+            if run.resumed and run.spec.secrets:
+                # The job's secret values are never stored, so this process could not mask them in its output.
+                if not run.log_end:
+                    run.append_log("[the log is not shown: this job has secrets this process cannot mask]\n")
+            else:
+                run.append_log(chunk.text)
             cursor = chunk.next_cursor
             if chunk.state != "running" and not chunk.more:
                 run.exit_code = chunk.exit_code

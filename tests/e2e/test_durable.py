@@ -4,6 +4,11 @@ and `vast-mcp runs cancel` ends a run at once, whoever follows it."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +178,25 @@ async def test_an_http_client_that_deletes_its_session_leaves_its_run_to_the_sup
         assert RESULT in (results / "out" / "model.txt").read_text()
         assert not alive(cloud_server)
         assert server.process.returncode is None
+
+
+async def test_a_job_with_secrets_taken_over_by_the_supervisor_shows_none_of_them(tmp_path: Path) -> None:
+    secret = f"s3cr3t-{secrets.token_hex(8)}"
+    with simulated_cloud(tmp_path) as server:
+        world = Durable(Run(tmp_path, "secrets", server))
+        try:
+            with contextlib.suppress(Exception):  # the client sees its server vanish
+                async with world.stdio() as client:
+                    command = f'echo "token is $TOKEN"; {job_command()}'
+                    run_id = await world.start(client, command=command, secrets={"TOKEN": secret})
+                    await world.until_job_runs(client, run_id)
+                    os.kill(world.run.server_pid(), signal.SIGKILL)
+            assert await world.until_state(run_id, ("succeeded", "failed", "cancelled")) == "succeeded"
+            assert RESULT in (world.results / "out" / "model.txt").read_text()
+            async with world.stdio() as client:
+                result = await world.run.call(client, "run_status", {"run_id": run_id, "wait_s": 0})
+            shown = json.dumps(result.structured_content) + "".join(getattr(c, "text", "") for c in result.content)
+            stored = b"".join(p.read_bytes() for p in world.state.rglob("*") if p.is_file())
+            assert secret not in shown and secret.encode() not in stored
+        finally:
+            await stop_supervisor(world)
