@@ -150,9 +150,14 @@ def keep_command(keep: bool) -> str:
     return f'mkdir -p "{STATE}" && ' + (f'touch "{STATE}/keep"' if keep else f'rm -f "{STATE}/keep"')
 
 
+def watchdog_script() -> str:
+    """The watchdog itself (`sh deadman.sh LEASE_S API_URL RUNS_FOR_S`), as the onstart installs it."""
+    return _WATCHDOG % {"check": CHECK_EVERY_S}
+
+
 def onstart_with_watchdog(onstart: str | None, *, api_url: str, lease_s: float, runs_for_s: float) -> str:
     """The user's onstart, preceded by the lines that install and start the watchdog in the background."""
-    script = _WATCHDOG % {"check": CHECK_EVERY_S}
+    script = watchdog_script()
     install = "\n".join(
         [
             "# vast-mcp dead-man's switch (see `vast-mcp` docs: it destroys this instance if the server goes away)",
