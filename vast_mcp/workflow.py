@@ -415,6 +415,7 @@ class RunBook:
         for run in self._runs.values():
             if run.status == "running" and self.service.settings.supervise and self._can_go_on(run):
                 run.detached = True
+                run.touch(detail=f"its session ended; the supervisor follows it from {run.phase}")
                 left.append(run)
             run.scope.cancel()
         with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
@@ -545,7 +546,9 @@ class RunBook:
             while not changed.is_set():  # a run that waits on a long job writes nothing, but still hears a cancel
                 try:
                     if await self.store.cancel_requested(run.id):
+                        run.status, run.phase = "cancelled", "done"
                         run.detail = "cancelled from outside this session; its instances are destroyed"
+                        run.finished_at = time.monotonic()
                         run.scope.cancel()
                         return
                 except VastMCPError as exc:
@@ -636,7 +639,8 @@ class RunBook:
         assert current.instance_id is not None
         row = await self.service.own(current.instance_id)
         if row is not None:
-            # Kept: neither the limit enforcer nor a session's teardown destroys it; `sessions_start` expires it.
+            # Kept: neither the limit enforcer nor a session's teardown destroys it; `supervisor.session_start`
+            # destroys it past VAST_MCP_STOPPED_KEEP_DAYS.
             await self.service.ledger.set_keep(row.row_id, True)
         run.status = "waiting"
         run.waiting_since = time.time()
