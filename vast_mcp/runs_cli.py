@@ -9,7 +9,7 @@ import anyio
 
 from .config import Settings, state_dir
 from .errors import VastMCPError
-from .ledger import Ledger, account_scope, ledger_path
+from .ledger import Ledger, LedgerInstance, account_scope, ledger_path
 from .runcodec import receipt_of
 from .runstore import RunRecord, RunStore
 from .service import Service
@@ -46,7 +46,7 @@ def format_runs(runs: list[RunRecord]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
-def format_run(rec: RunRecord) -> str:
+def format_run(rec: RunRecord, rows: dict[int, LedgerInstance]) -> str:
     lines = [
         f"run {rec.id}: {rec.state} ({rec.phase}) {rec.detail}".rstrip(),
         f"  started {_utc(rec.started_at)} UTC, finished {_utc(rec.finished_at)}",
@@ -54,11 +54,14 @@ def format_run(rec: RunRecord) -> str:
         f"{rec.spec['max_tries']} machine(s), by {rec.approval['approved_by']}",
         f"  job {rec.job_id or '-'}; results to {rec.results_dir or '-'}",
     ]
+    now = time.time()
     for m in rec.machines:
-        state = "destroyed" if m.destroyed else "kept" if m.kept else "live"
+        row = rows.get(m.instance_row) if m.instance_row is not None else None
+        state = row.state.value if row is not None else "destroyed" if m.destroyed else "not created"
+        cost = f", {row.hours(now):.3f} h, ${row.accrued(now):.4f}" if row is not None else ""
         why = f": {m.reason}" if m.reason else ""
         lines.append(
-            f"  machine {m.number}: {m.gpu} ${m.dph:.3f}/hr, instance {m.instance_id}, {m.outcome}, {state}{why}"
+            f"  machine {m.number}: {m.gpu} ${m.dph:.3f}/hr, instance {m.instance_id}{cost}, {m.outcome}, {state}{why}"
         )
     receipt = receipt_of(rec)
     if receipt is not None:
@@ -100,7 +103,8 @@ def _read_only(action: str, run_id: str | None) -> int:
             rec = await store.get(run_id)
             if rec is None:
                 raise VastMCPError(f"No run {run_id!r} in {path}. `vast-mcp runs` lists the runs.")
-            return format_run(rec)
+            rows = {m.instance_row: await ledger.instance(m.instance_row) for m in rec.machines if m.instance_row}
+            return format_run(rec, rows)
 
     print(anyio.run(read))
     return 0

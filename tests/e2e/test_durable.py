@@ -100,6 +100,17 @@ async def test_cancel_from_the_command_line_destroys_at_once(tmp_path: Path) -> 
                 )
             )
             assert run_id in listed.stdout and "cancelled" in listed.stdout, listed.stdout
+            shown = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "vast_mcp", "runs", "show", run_id],
+                    env=world.run.env(**world.env()),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            )
+            assert f"run {run_id}: cancelled" in shown.stdout and "machine 1:" in shown.stdout, shown.stdout
+            assert "destroyed" in shown.stdout.split("machine 1:")[1], shown.stdout
         finally:
             await stop_supervisor(world)
 
