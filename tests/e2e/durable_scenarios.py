@@ -26,7 +26,7 @@ from reliability_scenarios import Run, simulated_cloud, wait_until
 from vast_mcp.ledger import Ledger, ledger_path
 from vast_mcp.runstore import RunRecord, RunStore
 
-JOB_S = 15  # the job's own length: long enough that every departure lands in the middle of it
+JOB_S = 25  # the job's own length: long enough that every departure (two kills, on a loaded machine) lands in it
 LEASE_S = "10"  # the instance's watchdog acts this long after the last heartbeat
 SETTLE_S = 90.0  # bound on how long any scenario's ending may take to show
 RESULT = "weights-final"
@@ -50,6 +50,7 @@ class DurableOutcome:
     cost_usd: float = 0.0
     instances_left: int = 0
     taken_over: bool = False  # finished by another process than the server that started it
+    job_s: int = 0  # seconds of job the log shows (each prints one tick)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -138,6 +139,7 @@ class Durable:
             out.cost_usd = float(rec.receipt.get("total_cost_usd") or 0.0)
             # Each second of the job prints one tick: a tick seen twice is a second of job time done again.
             ticks = re.findall(r"^tick (\d+)$", str(rec.receipt.get("log_tail", "")), re.MULTILINE)
+            out.job_s = len(set(ticks))
             out.work_redone_s = float(len(ticks) - len(set(ticks)))
         return out
 
@@ -188,6 +190,7 @@ async def left_stopped(world: Durable) -> tuple[str, int]:
             os.kill(world.run.server_pid(), signal.SIGKILL)
     rec = await world.record(run_id)
     assert rec is not None and rec.instance_id is not None
+    assert rec.state == "running" and rec.receipt is None, f"the job ended before the kills landed: {rec.state}"
     iid = rec.instance_id
 
     async def stopped() -> bool:

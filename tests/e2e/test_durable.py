@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 from durable_scenarios import (
+    JOB_S,
     LEASE_S,
     RESULT,
     SCENARIOS,
@@ -43,6 +44,7 @@ async def test_the_run_finishes_whoever_goes_away(tmp_path: Path, case: str) -> 
     assert out.instances_left == 0, out
     assert out.work_redone_s == 0, out
     assert out.taken_over, "the server that started the run did not finish it"
+    assert out.job_s == JOB_S, out
 
 
 async def test_a_later_session_reports_the_run_and_its_receipt(tmp_path: Path) -> None:
