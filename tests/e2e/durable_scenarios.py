@@ -27,7 +27,7 @@ from vast_mcp.ledger import Ledger, ledger_path
 from vast_mcp.runstore import RunRecord, RunStore
 
 JOB_S = 25  # the job's own length: long enough that every departure (two kills, on a loaded machine) lands in it
-LEASE_S = "10"  # the instance's watchdog acts this long after the last heartbeat
+LEASE_S = "20"  # the instance's watchdog acts this long after the last heartbeat (a fetch must beat within it)
 SETTLE_S = 90.0  # bound on how long any scenario's ending may take to show
 RESULT = "weights-final"
 

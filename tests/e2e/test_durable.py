@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.sshd]
 @pytest.mark.parametrize("case", [c for c in SCENARIOS if c != "uninterrupted"])
 async def test_the_run_finishes_whoever_goes_away(tmp_path: Path, case: str) -> None:
     out = await run_durable(case, tmp_path)
-    assert not out.problems, out
+    assert not out.problems, "\n".join(out.problems)
     assert out.results_landed, out
     assert out.run_state == "succeeded", out
     assert out.instances_left == 0, out
