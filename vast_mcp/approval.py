@@ -204,6 +204,11 @@ class Approvals:
         self.quotes.take(quote.quote_id)
         return Grant(quote, grant.approved_by, grant.ceiling_dph, grant.ceiling_why, self._KEY)
 
+    def recorded(self, quote: Quote, by: ApprovedBy, ceiling: float, why: str) -> Grant:
+        """The grant of a run the user approved in an earlier session, as the ledger recorded it: a process that
+        takes the run over (the supervisor, a later session fetching its results) holds it to the same ceiling."""
+        return Grant(quote, by, ceiling, why, self._KEY)
+
     def _grant(self, quote: Quote, by: ApprovedBy, ceiling: float, why: str) -> Grant:
         self.quotes.take(quote.quote_id)
         return Grant(quote, by, ceiling, why, self._KEY)

@@ -66,6 +66,32 @@ def _add_reap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_supervise(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "supervise", help="finish approved runs whose client went away (the server starts it; one per state dir)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from .entry import supervise
+
+        return supervise()
+
+    p.set_defaults(handler=run)
+
+
+def _add_runs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("runs", help="runs of this machine: list, show ID, cancel ID (destroys at once), fetch ID")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "cancel", "fetch"])
+    p.add_argument("run_id", nargs="?", default=None, help="the run (r-...)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .runs_cli import runs
+
+        return runs(args.action, args.run_id)
+
+    p.set_defaults(handler=run)
+
+
 def _add_ledger(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ledger", help="print every instance the ledger tracks, with its cost")
     p.add_argument("--live", action="store_true", help="only instances that may still exist")
@@ -125,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_reap(sub)
     _add_ledger(sub)
+    _add_runs(sub)
+    _add_supervise(sub)
     _add_doctor(sub)
     return parser
 

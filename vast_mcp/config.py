@@ -159,6 +159,38 @@ def api_pacing_from_env() -> float:
     return value
 
 
+def supervise_from_env() -> bool:
+    """`VAST_MCP_SUPERVISE`: whether approved runs go on under the supervisor when their client goes away (default
+    on; `0` ends them, and destroys their instances, with the session as before)."""
+    raw = os.environ.get("VAST_MCP_SUPERVISE", "").strip().lower()
+    if raw in ("", "1", "on", "yes", "true"):
+        return True
+    if raw in ("0", "off", "no", "false"):
+        return False
+    raise ConfigError(f"VAST_MCP_SUPERVISE={raw!r} is not 1 or 0. Set it to 1 (the default) or 0, then restart.")
+
+
+DEFAULT_STOPPED_KEEP_DAYS = 3.0
+
+
+def stopped_keep_days_from_env() -> float:
+    """`VAST_MCP_STOPPED_KEEP_DAYS`: days a run's stopped instance (its results on its disk, billing storage) is
+    kept for the user to fetch; past that it is destroyed, results and all, at the next start."""
+    raw = os.environ.get("VAST_MCP_STOPPED_KEEP_DAYS", "").strip()
+    if not raw:
+        return DEFAULT_STOPPED_KEEP_DAYS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 365:
+        raise ConfigError(
+            f"VAST_MCP_STOPPED_KEEP_DAYS={raw!r} is not a number of days between 0 and 365. Set it, e.g. 3, then "
+            "restart the server."
+        )
+    return value
+
+
 def allowed_roots() -> list[Path]:
     """Local folders uploads may read and downloads may write: `VAST_MCP_ROOTS` (os.pathsep-separated), else the
     working directory (the home directory when that is `/`, as for desktop hosts)."""
@@ -184,6 +216,8 @@ class Settings:
     api_pacing: float = 1.0  # scale of Vast's rate limits the client keeps to; 0: no pacing
     bid_margin: float = DEFAULT_BID_MARGIN  # interruptible runs bid the offer's minimum bid plus this fraction
     checkpoint_every_s: float = DEFAULT_CHECKPOINT_EVERY_S  # how often a run's checkpoint folder is fetched
+    supervise: bool = True  # approved runs go on under the supervisor when the client goes away
+    stopped_keep_days: float = DEFAULT_STOPPED_KEEP_DAYS  # a run's stopped instance is destroyed past this
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -200,4 +234,6 @@ class Settings:
             api_pacing=api_pacing_from_env(),
             bid_margin=bid_margin_from_env(),
             checkpoint_every_s=checkpoint_every_from_env(),
+            supervise=supervise_from_env(),
+            stopped_keep_days=stopped_keep_days_from_env(),
         )

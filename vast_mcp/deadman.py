@@ -6,7 +6,8 @@ SIGKILLed and never restarted), or when the instance has run past the max runtim
 for handing over results, since the server normally ends it first), the watchdog destroys its own instance through
 the Vast API with the instance's restricted key (`CONTAINER_API_KEY`, which Vast gives every container and which
 can act on that instance only). The user's API key never goes to the instance. A kept instance (`keep_instance`)
-disarms its watchdog.
+disarms its watchdog. An instance running an approved `run_job` is let run its job to the approved max runtime
+without heartbeats, and is stopped rather than destroyed when its results have not been fetched (see `_WATCHDOG`).
 """
 
 from __future__ import annotations
@@ -18,36 +19,51 @@ HEARTBEAT_COMMAND = 'mkdir -p "$HOME/.vast-mcp" && touch "$HOME/.vast-mcp/heartb
 CHECK_EVERY_S = 5
 
 _WATCHDOG = r"""#!/bin/sh
-# Destroys this instance when the vast-mcp server's heartbeat stops, or at its approved end.
+# Destroys this instance when the vast-mcp server's heartbeat stops, or at its approved end. An instance running
+# an approved run (the file run: its job folder, then results=0|1) is treated differently: while the job runs
+# it keeps running without heartbeats; once the job has ended with results not yet fetched (no file fetched),
+# or at the approved end, it is STOPPED, not destroyed: compute billing ends and the disk keeps the results.
 # Arguments: lease seconds, API base URL, seconds the instance may run in all.
 lease="$1"; url="$2"; end="$3"; d="$HOME/.vast-mcp"; born=$(date +%%s)
 while sleep %(check)d; do
   [ -e "$d/keep" ] && continue
   now=$(date +%%s); last=$(stat -c %%Y "$d/heartbeat" 2>/dev/null || echo "$now")
+  job=none; keeps=0
+  if [ -f "$d/run" ]; then
+    jd=$(sed -n 1p "$d/run"); job=running
+    [ -f "$jd/exit" ] && job=ended
+    grep -qx "results=1" "$d/run" && [ ! -e "$d/fetched" ] && keeps=1
+  fi
+  action=destroy
   if [ $((now - born)) -ge "$end" ]; then
-    echo "$(date -u) past the approved max runtime: destroying instance $CONTAINER_ID"
+    [ "$job" != none ] && [ "$keeps" = 1 ] && action=stop
+    echo "$(date -u) past the approved max runtime: $action instance $CONTAINER_ID"
   elif [ $((now - last)) -le "$lease" ]; then
     continue
+  elif [ "$job" = running ]; then
+    continue
   else
-    echo "$(date -u) no heartbeat for $((now - last)) s (lease ${lease} s): destroying instance $CONTAINER_ID"
+    [ "$job" = ended ] && [ "$keeps" = 1 ] && action=stop
+    echo "$(date -u) no heartbeat for $((now - last)) s (lease ${lease} s), job $job: $action instance $CONTAINER_ID"
   fi
   target="$url/api/v0/instances/$CONTAINER_ID/"
+  if [ "$action" = stop ]; then method=PUT; body='{"state": "stopped"}'; else method=DELETE; body='{}'; fi
   py=$(command -v python3 || command -v python)
   if command -v curl >/dev/null 2>&1; then
-    curl -fsS -m 20 -X DELETE -H "Authorization: Bearer $CONTAINER_API_KEY" \
-      -H "Content-Type: application/json" -d '{}' "$target" && exit 0
+    curl -fsS -m 20 -X "$method" -H "Authorization: Bearer $CONTAINER_API_KEY" \
+      -H "Content-Type: application/json" -d "$body" "$target" && exit 0
   elif wget --help 2>&1 | grep -q -- --method; then
-    wget -q -O - -T 20 --method=DELETE --header="Authorization: Bearer $CONTAINER_API_KEY" \
-      --header="Content-Type: application/json" --body-data='{}' "$target" && exit 0
+    wget -q -O - -T 20 --method="$method" --header="Authorization: Bearer $CONTAINER_API_KEY" \
+      --header="Content-Type: application/json" --body-data="$body" "$target" && exit 0
   elif [ -n "$py" ]; then
-    "$py" - "$target" <<'PY' && exit 0
+    "$py" - "$target" "$method" "$body" <<'PY' && exit 0
 import os, sys, urllib.request
-request = urllib.request.Request(sys.argv[1], data=b"{}", method="DELETE", headers={
+request = urllib.request.Request(sys.argv[1], data=sys.argv[3].encode(), method=sys.argv[2], headers={
     "Authorization": "Bearer " + os.environ["CONTAINER_API_KEY"], "Content-Type": "application/json"})
 urllib.request.urlopen(request, timeout=20)
 PY
   fi
-  echo "$(date -u) the destroy request failed; trying again"
+  echo "$(date -u) the $action request failed; trying again"
 done
 """
 
@@ -119,14 +135,29 @@ def judge(output: str) -> str | None:
     return None
 
 
+def run_marker_command(job_id: str, *, results: bool) -> str:
+    """Tell the watchdog that this instance runs an approved run's job (see `_WATCHDOG`)."""
+    folder = f"{STATE}/jobs/{job_id}"
+    return f'mkdir -p "{STATE}" && printf "%s\\nresults=%d\\n" "{folder}" {int(results)} > "{STATE}/run"'
+
+
+FETCHED_COMMAND = f'mkdir -p "{STATE}" && touch "{STATE}/fetched"'
+"""The run's results are downloaded: nothing on this instance is worth keeping any more."""
+
+
 def keep_command(keep: bool) -> str:
     """Disarm (keep) or re-arm the watchdog of an instance."""
     return f'mkdir -p "{STATE}" && ' + (f'touch "{STATE}/keep"' if keep else f'rm -f "{STATE}/keep"')
 
 
+def watchdog_script() -> str:
+    """The watchdog itself (`sh deadman.sh LEASE_S API_URL RUNS_FOR_S`), as the onstart installs it."""
+    return _WATCHDOG % {"check": CHECK_EVERY_S}
+
+
 def onstart_with_watchdog(onstart: str | None, *, api_url: str, lease_s: float, runs_for_s: float) -> str:
     """The user's onstart, preceded by the lines that install and start the watchdog in the background."""
-    script = _WATCHDOG % {"check": CHECK_EVERY_S}
+    script = watchdog_script()
     install = "\n".join(
         [
             "# vast-mcp dead-man's switch (see `vast-mcp` docs: it destroys this instance if the server goes away)",

@@ -76,6 +76,14 @@ def reap(*, session_id: str | None, within: float) -> int:
     return 1 if report.failed else 0
 
 
+def supervise() -> int:
+    """`vast-mcp supervise`: follow the runs whose client went away, until none is left."""
+    _logging()
+    from .supervisor import supervise as run_supervisor
+
+    return run_supervisor(Settings.from_env())
+
+
 def ledger(*, live_only: bool) -> int:
     """`vast-mcp ledger`: what is tracked, with cost (reads the state directory only; no API key needed)."""
     path = ledger_path(state_dir())

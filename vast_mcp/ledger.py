@@ -42,7 +42,7 @@ from .errors import LedgerError
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LABEL_PREFIX = "vmcp-"
 DEFAULT_LEASE_S = 600.0
 """How long a heartbeat vouches for a session whose process cannot be inspected from here (another host, another
@@ -344,7 +344,61 @@ CREATE TABLE jobs (
 );
 """
 
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+# Runs (see runstore.py): what `run_job` was asked and approved, where it stands, and each machine it used. A run
+# in progress holds its instances: neither its session's teardown nor a sweep of dead sessions destroys them,
+# because the supervisor (or the instance's own watchdog) finishes the run.
+_SCHEMA_V2 = """
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    origin_session TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    spec TEXT NOT NULL,
+    approval TEXT NOT NULL,
+    job_id TEXT,
+    instance_id INTEGER,
+    exit_code INTEGER,
+    results_dir TEXT,
+    receipt TEXT,
+    log_tail TEXT NOT NULL DEFAULT '',
+    job_started_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    reported INTEGER NOT NULL DEFAULT 0,
+    waiting_since REAL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX runs_by_scope ON runs(scope, state);
+CREATE TABLE run_machines (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    number INTEGER NOT NULL,
+    instance_row INTEGER,
+    instance_id INTEGER,
+    offer_id INTEGER NOT NULL,
+    machine_id INTEGER,
+    gpu TEXT NOT NULL DEFAULT '',
+    dph REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    destroyed INTEGER NOT NULL DEFAULT 0,
+    kept INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, number)
+);
+"""
+
+HELD_STATES = ("running", "recovering", "waiting")
+"""Run states in which the run, not the session, decides when its instances go."""
+
+_HELD_SQL = (
+    "id NOT IN (SELECT m.instance_row FROM run_machines m JOIN runs r ON r.id = m.run_id WHERE m.instance_row IS NOT"
+    " NULL AND r.state IN (" + ",".join(f"'{s}'" for s in HELD_STATES) + "))"
+)
+
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 """Script that brings the schema from version `n - 1` to `n`."""
 
 
@@ -380,6 +434,13 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {target}")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE), for the tables other modules own."""
+    with _transaction(conn):
+        yield
 
 
 @contextmanager
@@ -487,6 +548,10 @@ class Ledger:
         # Not abandoned on cancellation: a write that started (an intent above all) finishes before the
         # cancellation is delivered.
         return await anyio.to_thread.run_sync(locked)
+
+    async def run_in(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the connection, as every method here does (for the tables other modules own: runs)."""
+        return await self._call(fn)
 
     # --- sessions --------------------------------------------------------------------------------------------
 
@@ -759,8 +824,11 @@ class Ledger:
         return await self._select(where, (session_id,))
 
     async def to_destroy(self, session_id: str) -> list[LedgerInstance]:
-        """What ending this session must destroy: every instance that may exist and that the user did not keep."""
-        return await self._select(f"session_id = ? AND state IN ({_LIVE_SQL}) AND keep = 0", (session_id,))
+        """What ending this session must destroy: every instance that may exist, that the user did not keep and
+        that no run in progress holds (the supervisor finishes those runs)."""
+        return await self._select(
+            f"session_id = ? AND state IN ({_LIVE_SQL}) AND keep = 0 AND {_HELD_SQL}", (session_id,)
+        )
 
     async def unresolved_intents(self, session_id: str) -> list[LedgerInstance]:
         """This session's intents with no instance id: match them by label against the account's instance list.
@@ -783,11 +851,13 @@ class Ledger:
             # Only sessions that still have something to destroy are inspected: ended sessions pile up over months.
             candidates = conn.execute(
                 "SELECT * FROM sessions WHERE scope = ? AND id IN (SELECT session_id FROM instances"
-                f" WHERE state IN ({_LIVE_SQL}) AND keep = 0)",
+                f" WHERE state IN ({_LIVE_SQL}) AND keep = 0 AND {_HELD_SQL})",
                 (scope,),
             ).fetchall()
             dead = {s.id for s in map(_session, candidates) if not session_is_alive(s, now=now, lease_s=lease_s)}
-            rows = conn.execute(f"SELECT * FROM instances WHERE state IN ({_LIVE_SQL}) AND keep = 0 ORDER BY id")
+            rows = conn.execute(
+                f"SELECT * FROM instances WHERE state IN ({_LIVE_SQL}) AND keep = 0 AND {_HELD_SQL} ORDER BY id"
+            )
             return [r for r in map(_instance, rows) if r.session_id in dead]
 
         return await self._call(run)

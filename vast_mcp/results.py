@@ -329,7 +329,7 @@ class CommandResult(BaseModel):
         )
 
 
-RunStatus = Literal["approval_required", "declined", "running", "succeeded", "failed", "cancelled"]
+RunStatus = Literal["approval_required", "declined", "running", "waiting", "succeeded", "failed", "cancelled", "listed"]
 RunPhase = Literal["renting", "booting", "uploading", "running", "downloading", "destroying", "done"]
 
 
@@ -393,6 +393,18 @@ class RunReceipt(BaseModel):
         return self
 
 
+class RunBrief(BaseModel):
+    """One run of this or an earlier session, in a list."""
+
+    run_id: str
+    status: str = Field(description="running, recovering, waiting (results on a stopped instance), succeeded, ...")
+    started_at: float = Field(description="Unix time.")
+    detail: str = ""
+    instance_id: int | None = None
+    cost_usd: float = 0.0
+    results_dir: str | None = Field(default=None, description="Where the results land (or landed) locally.")
+
+
 class RunView(BaseModel):
     status: RunStatus
     run_id: str | None = None
@@ -412,6 +424,8 @@ class RunView(BaseModel):
     message: str | None = None
     warnings: list[str] = Field(default_factory=list, description="Problems found before the job started.")
     sweep_runs: list[str] = Field(default_factory=list, description="Every run of a sweep; follow each one.")
+    runs: list[RunBrief] | None = Field(default=None, description="Recent runs, when no run_id was given.")
+    notices: list[str] = Field(default_factory=list, description="What happened while nobody was connected.")
     _log: str = PrivateAttr(default="")
 
     def with_log(self, text: str) -> RunView:
@@ -433,7 +447,11 @@ class RunView(BaseModel):
             )
         if self.status == "declined":
             return self.message or "Declined; nothing was rented and nothing is billed."
-        lines = [self._headline()]
+        if self.runs is not None:
+            return "\n".join([*self.notices, *_run_lines(self.runs)])
+        lines = [self._headline(), *self.notices]
+        if self.message:
+            lines.append(self.message)
         if self.sweep_runs:
             lines.append(f"Sweep of {len(self.sweep_runs)} runs, this is the first: {', '.join(self.sweep_runs)}.")
         lines += [f"WARNING: {w}" for w in self.warnings]
@@ -459,6 +477,19 @@ class RunView(BaseModel):
             detail = f": {self.detail}" if self.detail else ""
             return f"Run {self.run_id} {self.phase}{where}{detail} ({self.elapsed_s:.0f} s, {cost})."
         return f"Run {self.run_id} {self.status} after {self.elapsed_s:.0f} s."
+
+
+def _run_lines(runs: list[RunBrief]) -> list[str]:
+    if not runs:
+        return ["No runs yet."]
+    lines = ["Recent runs (newest first):"]
+    for r in runs:
+        where = (
+            f", instance {r.instance_id}" if r.instance_id is not None and r.status in ("running", "waiting") else ""
+        )
+        results = f", results in {r.results_dir}" if r.results_dir else ""
+        lines.append(f"  {r.run_id}: {r.status}{where}, ${r.cost_usd:.4f}{results}")
+    return lines
 
 
 def _try_words(t: RunTry) -> str:

@@ -190,6 +190,9 @@ class Service:
         self.session_cap = settings.caps.max_session_usd  # the user may raise it for this session when asked
         self.notices: list[str] = []  # what the limits did on their own, for list_instances to tell the agent
         self.run_instances: Callable[[], set[int]] = set  # instances in use by runs (set by the session's RunBook)
+        # Results folders of runs taken over from the ledger: checked against the allowed folders of the session
+        # that started them, so the process that finishes them (from another working directory) may write there.
+        self.run_folders: list[Path] = []
         # What this session already knows, so no tool call asks Vast again for it (every route is rate-limited):
         self._seen: dict[int, tuple[float, Instance]] = {}  # the latest row of each instance, with when it was read
         self._addresses: dict[int, tuple[float, tuple[str, int]]] = {}  # SSH address per instance, until a TTL
@@ -822,7 +825,7 @@ class Service:
 
     def local_path(self, raw: str, *, must_exist: bool) -> Path:
         """`raw` resolved (relative to the first allowed root) and checked to lie inside an allowed root."""
-        roots = self.settings.roots
+        roots = [*self.settings.roots, *self.run_folders]
         path = Path(raw).expanduser()
         path = (path if path.is_absolute() else roots[0] / path).resolve()
         if not any(path == root or path.is_relative_to(root) for root in roots):

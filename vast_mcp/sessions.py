@@ -18,7 +18,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import Settings
+from .errors import VastMCPError
 from .service import Service
+from .supervisor import START_NOTICES_S, ensure_supervisor, session_start
 from .workflow import RunBook
 
 log = logging.getLogger("vast_mcp.sessions")
@@ -51,14 +53,28 @@ async def _host_session(
                 tg.start_soon(service.sweep_forever)
             book = RunBook(service, tg)
             state = SessionState(service, book)
+            with anyio.move_on_after(START_NOTICES_S):
+                try:
+                    await session_start(service)  # runs that ended, or wait, while nobody was connected
+                except VastMCPError as exc:
+                    log.warning("looking at earlier runs failed: %s", exc)
             task_status.started(state)
             try:
                 await state.close.wait()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await book.aclose()  # runs stop first, so teardown is the only one destroying
+                    # Runs stop first, so teardown is the only one destroying; approved runs in progress are left
+                    # to the supervisor, and teardown leaves their instances alone.
+                    left = await book.detach()
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
+                    if left:
+                        await anyio.to_thread.run_sync(ensure_supervisor, settings)
+                        log.warning(
+                            "session %s ended: run(s) %s go on under the supervisor",
+                            service.session_id,
+                            ", ".join(r.id for r in left),
+                        )
                     report = await service.teardown()
                     if report.destroyed or report.failed:
                         log.warning("session %s ended: %s", service.session_id, report.summary())

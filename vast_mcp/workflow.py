@@ -27,6 +27,7 @@ from .approval import ApprovedBy, Grant, request_digest
 from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S, LOCAL_FOLDER, CheckpointMirror, check_folder, keep_synced
 from .checkpoints import script_lines as checkpoint_lines
 from .consent import Quote
+from .deadman import FETCHED_COMMAND, run_marker_command
 from .errors import (
     AuthError,
     CapExceededError,
@@ -52,6 +53,7 @@ from .results import (
     RunView,
     watchdog_warning,
 )
+from .runstore import RunStore
 from .service import CreateRequest, Progress, Service, quote_view
 from .sweep import plan_sweep, sweep_question
 from .vast.query import OfferFilters
@@ -75,6 +77,7 @@ LOG_NOTE_S = 5.0  # bound on fetching an instance's log to explain a failure
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d+)?Z?\s*")
 CANCEL_WAIT_S = 0.3  # what session teardown grants runs to stop before it destroys their instances
 RESULTS_FOLDER = "vast-results"
+SAVE_EVERY_S = 1.0  # a run is saved to the ledger at most this often (and at least this often it checks for a cancel)
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,9 @@ class RunPlan:
             f"Run a job: {q.describe()}{job}{failover} Approving allows up to ${self.ceiling_dph:.3f}/hr for up to "
             f"{self.spec.max_runtime_h:g} h (at most ${self.ceiling_dph * self.spec.max_runtime_h:,.2f} for the job, "
             f"plus a few minutes of any machine that fails to start). The instance is destroyed when the job ends."
-            f"{kept}{cap_words}"
+            f"{kept} If this conversation ends first, the run goes on under a supervisor on this computer; if that is "
+            "gone too and the results cannot be fetched, the instance is stopped, billing only its disk, until you "
+            f"fetch or destroy them.{cap_words}"
         )
 
     def view(self, approved_by: ApprovedBy | None, *, with_id: bool = False) -> RunApprovalView:
@@ -332,6 +337,12 @@ class _Try:
         )
 
 
+_SECRETS_GONE = (
+    "The session that started this run ended before its job started, and the job needs secret values, which are "
+    "never stored. Call run_job again."
+)
+
+
 class _RunFailed(Exception):
     """Ends a run: the message says why, in words for the user."""
 
@@ -358,6 +369,13 @@ class Run:
     recoveries: int = 0  # machines replaced after the job had started on them
     machine_lost: bool = False  # set by the watch: the last problem was the machine, not the job
     first_ends_at: float | None = None  # wall time the first machine's job reached its approved max runtime
+    started_wall: float = field(default_factory=time.time)
+    origin_session: str = ""  # the session whose user approved the run
+    resumed: bool = False  # taken over from the ledger (its session is gone): pick up where it stood
+    fetch: bool = False  # resumed to fetch results waiting on a stopped instance: start it first
+    detached: bool = False  # its session ended and left it to the supervisor: not cancelled, not destroyed
+    waiting_since: float | None = None
+    results_path: Path | None = None  # where the results go, once resolved (checked against the roots then)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     _changed: anyio.Event = field(default_factory=anyio.Event)
@@ -434,6 +452,8 @@ class RunBook:
         self.service = service
         self._tg = task_group
         self._runs: dict[str, Run] = {}
+        self.store = RunStore(service.ledger)
+        self.supervised = False  # this book is the supervisor's: what it finishes was not seen by any user yet
         service.run_instances = self.instances
 
     # --- runs ---------------------------------------------------------------------------------------------------
@@ -441,10 +461,45 @@ class RunBook:
     def start(self, spec: RunSpec, grant: Grant) -> Run:
         """Start the approved run in the session's task group."""
         plan = RunPlan(spec, grant.quote, grant.ceiling_dph, grant.ceiling_why)
-        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant)
+        run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant, origin_session=self.service.session_id)
+        self._runs[run.id] = run
+        self._tg.start_soon(self._execute, run)
+        if self.service.settings.supervise and spec.nodes == 1:
+            from .supervisor import ensure_supervisor
+
+            # Started now, so the run goes on even if this server is SIGKILLed and nobody runs its teardown.
+            self._tg.start_soon(anyio.to_thread.run_sync, ensure_supervisor, self.service.settings)
+        return run
+
+    def resume(self, run: Run) -> Run:
+        """Follow a run taken over from the ledger (see `runcodec.run_of`), from where it stood."""
         self._runs[run.id] = run
         self._tg.start_soon(self._execute, run)
         return run
+
+    def find(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    async def detach(self) -> list[Run]:
+        """The session ends: runs the supervisor can finish are left to it (saved as running, their instances held),
+        the others stop and their instances go with the session. Returns the runs left to the supervisor."""
+        left = []
+        for run in self._runs.values():
+            if run.status == "running" and self.service.settings.supervise and self._can_go_on(run):
+                run.detached = True
+                run.touch(detail=f"its session ended; the supervisor follows it from {run.phase}")
+                left.append(run)
+            run.scope.cancel()
+        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
+            for run in self._runs.values():
+                await run.done.wait()
+        return left
+
+    @staticmethod
+    def _can_go_on(run: Run) -> bool:
+        """Secret values are never stored, so a run whose job still needs them cannot be started by anyone else;
+        a multi-node run's group is followed only by the session that formed it."""
+        return run.spec.nodes == 1 and (run.job_id is not None or not run.spec.secrets)
 
     def active(self) -> bool:
         """Whether any run is still going (its client may be silent for hours while it does)."""
@@ -465,18 +520,10 @@ class RunBook:
         if run is None:
             known = ", ".join(self._runs) or "none"
             raise VastMCPError(
-                f"No run {run_id!r} in this session (runs of this session: {known}). Runs do not survive the "
-                "session; check list_instances for what exists."
+                f"No run {run_id!r} in this session (runs of this session: {known}). Call run_status without "
+                "run_id to list the runs of earlier sessions."
             )
         return run
-
-    async def aclose(self) -> None:
-        """Stop every run now (the session is ending); teardown destroys what they rented."""
-        for run in self._runs.values():
-            run.scope.cancel()
-        with anyio.move_on_after(CANCEL_WAIT_S, shield=True):
-            for run in self._runs.values():
-                await run.done.wait()
 
     async def view(
         self, run: Run, cursor: int = 0, max_bytes: int = READ_MAX_BYTES, *, with_approval: bool = False
@@ -553,18 +600,54 @@ class RunBook:
     # --- the workflow -------------------------------------------------------------------------------------------
 
     async def _execute(self, run: Run) -> None:
-        """The run's task. Cancelled only when the session ends: then the session's teardown, not the run,
-        destroys what it rented (one destroyer, within the host's short shutdown window)."""
+        """The run's task. Cancelled only when the session ends: then either the run is left to the supervisor
+        (`detach`), or the session's teardown, not the run, destroys what it rented (one destroyer, within the
+        host's short shutdown window). The run is saved to the ledger as it goes, and stops when a cancel is asked
+        from outside (`vast-mcp runs cancel`)."""
         try:
-            with run.scope:
-                await self._workflow(run)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_saved, run)
+                with run.scope:
+                    await self._workflow(run)
+                tg.cancel_scope.cancel()
         finally:
-            if run.status == "running":
+            if run.status == "running" and not run.detached:
                 run.status, run.phase = "cancelled", "done"
                 run.detail = "the session ended before the run finished; its instance is destroyed with the session"
                 run.finished_at = time.monotonic()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self._save(run)
             run.done.set()
             run.touch()
+
+    async def _keep_saved(self, run: Run) -> None:
+        """Save the run at each change (at most once a second), and stop it when a cancel was asked from outside."""
+        while True:
+            changed = run.changed()
+            await self._save(run)
+            while not changed.is_set():  # a run that waits on a long job writes nothing, but still hears a cancel
+                try:
+                    if await self.store.cancel_requested(run.id):
+                        run.status, run.phase = "cancelled", "done"
+                        run.detail = "cancelled from outside this session; its instances are destroyed"
+                        run.finished_at = time.monotonic()
+                        run.scope.cancel()
+                        return
+                except VastMCPError as exc:
+                    log.warning("run %s: reading the ledger failed: %s", run.id, exc)
+                with anyio.move_on_after(SAVE_EVERY_S):
+                    await changed.wait()
+            await anyio.sleep(SAVE_EVERY_S / 4)  # a burst of changes is one write
+
+    async def _save(self, run: Run) -> None:
+        from .runcodec import record_of
+
+        if run.spec.nodes > 1:
+            return  # a group is followed only by the session that formed it (`_can_go_on`): nothing to take over
+        try:
+            await self.store.save(await record_of(run, self.service, reported=not self.supervised))
+        except Exception as exc:  # a run must not die of its bookkeeping; the next save tries again
+            log.warning("run %s could not be saved to the ledger: %s", run.id, exc)
 
     async def _workflow(self, run: Run) -> None:
         try:
@@ -573,7 +656,13 @@ class RunBook:
                 return
             if run.spec.checkpoint_dir is not None:
                 run.mirror = CheckpointMirror(run.spec.remote_checkpoint(), self._results_dir(run) / LOCAL_FOLDER)
-            current = await self._rent(run)
+            if run.resumed:
+                resumed = await self._resume_point(run)
+                if resumed is None:
+                    return  # its results wait on a stopped instance, for the user to fetch
+                current = resumed
+            else:
+                current = await self._rent(run)
             await self._job(run, current)
         except _RunFailed as exc:
             await self._finish(run, "failed", str(exc))
@@ -585,6 +674,81 @@ class RunBook:
             # A bug must not take the whole session's task group down; the ledger still holds the instance.
             log.exception("run %s failed unexpectedly", run.id)
             await self._finish(run, "failed", "internal error in the run (see the server log)")
+
+    async def _resume_point(self, run: Run) -> _Try | None:
+        """Where a run taken over from the ledger stands: the machine to go on with (ready, its job started or not),
+        a fresh rent when its machine never got going, or None when the run now waits for the user (its instance
+        was stopped by its watchdog, with the results on its disk)."""
+        current = run.tries[-1] if run.tries else None
+        if current is None or current.instance_id is None or current.destroyed or current.outcome == "failed":
+            if run.job_id is not None:
+                # Its session ended between the download and the receipt: the job is not run a second time.
+                raise _RunFailed(
+                    f"The instance that ran job {run.job_id} is gone; whatever was downloaded before its session "
+                    "ended is in the results folder."
+                )
+            if current is not None and current.outcome == "starting":
+                current.outcome, current.reason = "failed", "its session ended while it was being rented"
+            if not self._can_go_on(run):
+                raise _RunFailed(_SECRETS_GONE)
+            return await self._rent(run)
+        iid = current.instance_id
+        inst = await self.service.client.show_instance(iid)
+        if inst is None:
+            current.destroyed = True
+            raise _RunFailed(f"Instance {iid} of this run no longer exists on Vast; what was on its disk is gone.")
+        if inst.is_dead:
+            if not run.fetch:
+                await self._wait_for_user(run, current)
+                return None
+            row = await self.service.own(iid)
+            if row is not None:
+                await self.service.ledger.set_keep(row.row_id, False)  # it follows the run again
+            run.touch("booting", f"starting stopped instance {iid} to fetch the results")
+            await self.service.client.start_instance(iid)
+        if run.job_id is None:
+            if not self._can_go_on(run):
+                raise _RunFailed(_SECRETS_GONE)
+            reason = await self._prepare(run, current)
+        else:
+            reason = await self._await_ready(run, current)
+        if reason is None:
+            current.outcome = "used"
+            run.touch()
+            return current
+        if run.job_id is not None:
+            raise _RunFailed(f"The machine that ran the job cannot be used any more: {reason}.")
+        current.outcome, current.reason = "failed", reason
+        await self._destroy(run, current)
+        return await self._rent(run)
+
+    async def _wait_for_user(self, run: Run, current: _Try) -> None:
+        """The run's instance is stopped (its watchdog's doing, nobody being connected): it bills only its disk,
+        which holds the results. It waits, kept, until the user fetches or destroys it (or it expires)."""
+        assert current.instance_id is not None
+        row = await self.service.own(current.instance_id)
+        if row is not None:
+            # Kept: neither the limit enforcer nor a session's teardown destroys it; `supervisor.session_start`
+            # destroys it past VAST_MCP_STOPPED_KEEP_DAYS.
+            await self.service.ledger.set_keep(row.row_id, True)
+        run.status = "waiting"
+        run.waiting_since = time.time()
+        run.touch(
+            "done",
+            f"the job ended while nobody was connected and instance {current.instance_id} was stopped with the "
+            "results on its disk",
+        )
+
+    async def _mark_instance(self, iid: int, command: str) -> None:
+        """Tell the instance's watchdog how the run stands (best effort: without it, it treats it as any instance)."""
+        if self.service.settings.lease_s is None:
+            return
+        with anyio.move_on_after(20):
+            try:
+                host = await self.service.connected(iid)
+                await host.check(command, time_limit=15.0)
+            except VastMCPError as exc:
+                log.info("instance %s: could not update its watchdog: %s", iid, exc)
 
     async def _rent(self, run: Run) -> _Try:
         """Rent machines one after the other until one is ready (and has the uploads), within the approval: the
@@ -671,6 +835,12 @@ class RunBook:
             return f"the instance's real price was above the quote ({exc})"
         assert created.instance_id is not None
         current.instance_id = run.instance_id = created.instance_id
+        return await self._prepare(run, current)
+
+    async def _prepare(self, run: Run, current: _Try) -> str | None:
+        """Wait until the machine is usable, then upload. None when it is ready for the job, else why not."""
+        service, spec = self.service, run.spec
+        assert current.instance_id is not None
         reason = await self._await_ready(run, current)
         if reason is not None:
             return reason
@@ -781,7 +951,8 @@ class RunBook:
         lost mid-job is replaced within the approval when the run recovers (`RunSpec.recovers`): the next one
         gets the uploads and the last checkpoint, and the job starts again told to resume."""
         service, spec = self.service, run.spec
-        problem = await self._attempt(run, current, resume=False)
+        # A run taken over from the ledger follows the job its gone session started, instead of starting it again.
+        problem = await self._attempt(run, current, resume=False, follow=run.job_id if run.resumed else None)
         while run.machine_lost and spec.recovers:
             current.outcome, current.reason = "lost", problem
             await self._destroy(run, current)  # a stopped bid instance still bills its disk
@@ -821,9 +992,20 @@ class RunBook:
                 with anyio.fail_after(TRANSFER_BOUND_S):
                     got = await service.download(iid, spec.remote_results(), str(results_dir))
                 files, missing, refused = got.files, got.missing, got.refused
+                await self._mark_instance(iid, FETCHED_COMMAND)
             except (VastMCPError, TimeoutError) as exc:
                 note = f"The results could not be downloaded: {exc or 'no progress within the bound'}"
                 problem = f"{problem} {note}" if problem else note
+                if run.fetch:
+                    # That disk is the only copy of the results: stopped again, they wait for another fetch.
+                    with anyio.move_on_after(60):
+                        try:
+                            await service.client.stop_instance(iid)
+                        except VastMCPError as stop_exc:
+                            log.warning("run %s: stopping instance %s again failed: %s", run.id, iid, stop_exc)
+                    await self._wait_for_user(run, current)
+                    run.touch(detail=f"{note}; instance {iid} was stopped again with the results on its disk")
+                    return
         failed = problem is not None
         if failed and spec.keep_on_failure:
             await service.keep(iid, True)  # the user's approval of the run said so (RunPlan.question)
@@ -841,27 +1023,32 @@ class RunBook:
             refused=refused,
         )
 
-    async def _attempt(self, run: Run, current: _Try, *, resume: bool) -> str | None:
-        """Start the job on `current` and follow it to its end, fetching its checkpoints meanwhile. Why it did not
-        end by itself, or None when it did (see `run.exit_code`); `run.machine_lost` says whether the machine
-        was the cause."""
+    async def _attempt(self, run: Run, current: _Try, *, resume: bool, follow: str | None = None) -> str | None:
+        """Start the job on `current` (or, given `follow`, go on following that job already running there) and
+        follow it to its end, fetching its checkpoints meanwhile. Why it did not end by itself, or None when it did
+        (see `run.exit_code`); `run.machine_lost` says whether the machine was the cause."""
         service, spec = self.service, run.spec
         assert current.instance_id is not None
         iid = current.instance_id
         run.machine_lost = False
-        run.touch("running", "resuming the job from its checkpoint" if resume else "starting the job")
-        try:
-            job = await service.start_job(
-                iid, spec.script(resume=resume), workdir=None, env=spec.env, secrets=spec.secrets
-            )
-        except VastMCPError as exc:
-            stopped = await self._stopped(iid)
-            run.machine_lost = stopped is not None
-            return f"The job could not be started: {exc}" + (f" (the instance is {stopped})" if stopped else "")
-        run.job_id = job.job_id
-        if run.job_started is None:
-            run.job_started = time.monotonic()
-        run.touch(detail=f"job {job.job_id} running" + (" (resumed)" if resume else ""))
+        if follow is not None:
+            run.touch("running", f"job {follow}: following it again")
+            job_id = follow
+        else:
+            run.touch("running", "resuming the job from its checkpoint" if resume else "starting the job")
+            try:
+                job = await service.start_job(
+                    iid, spec.script(resume=resume), workdir=None, env=spec.env, secrets=spec.secrets
+                )
+            except VastMCPError as exc:
+                stopped = await self._stopped(iid)
+                run.machine_lost = stopped is not None
+                return f"The job could not be started: {exc}" + (f" (the instance is {stopped})" if stopped else "")
+            job_id = run.job_id = job.job_id
+            if run.job_started is None:
+                run.job_started = time.monotonic()
+            run.touch(detail=f"job {job_id} running" + (" (resumed)" if resume else ""))
+            await self._mark_instance(iid, run_marker_command(job_id, results=bool(spec.results)))
         async with anyio.create_task_group() as tg:
             if run.mirror is not None:
 
@@ -869,7 +1056,7 @@ class RunBook:
                     run.touch(detail=text)
 
                 tg.start_soon(keep_synced, run.mirror, service, iid, spec.checkpoint_every_s, note)
-            problem = await self._watch(run, iid, job.job_id)
+            problem = await self._watch(run, iid, job_id)
             tg.cancel_scope.cancel()
         run.job_ended = time.monotonic()
         if problem is None and run.mirror is not None:
@@ -919,7 +1106,12 @@ class RunBook:
                 await anyio.sleep(min(2.0**failures, 15.0))
                 continue
             failures = 0
-            run.append_log(chunk.text)
+            if run.resumed and run.spec.secrets:
+                # The job's secret values are never stored, so this process could not mask them in its output.
+                if not run.log_end:
+                    run.append_log("[the log is not shown: this job has secrets this process cannot mask]\n")
+            else:
+                run.append_log(chunk.text)
             cursor = chunk.next_cursor
             if chunk.state != "running" and not chunk.more:
                 run.exit_code = chunk.exit_code
@@ -943,8 +1135,12 @@ class RunBook:
         return None
 
     def _results_dir(self, run: Run) -> Path:
-        raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
-        return self.service.local_path(raw, must_exist=False)
+        """The local results folder: checked against the allowed folders when the run was approved, so a process
+        that takes the run over (from another working directory) writes where the user agreed."""
+        if run.results_path is None:
+            raw = run.spec.results_dir or f"{RESULTS_FOLDER}/{run.id}"
+            run.results_path = self.service.local_path(raw, must_exist=False)
+        return run.results_path
 
     async def _finish(
         self,

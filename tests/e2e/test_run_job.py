@@ -4,6 +4,7 @@ away mid-run, and consent in every form. The cloud's own admin view is the judge
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -214,9 +215,13 @@ async def test_job_that_fails(keep: bool, settings: Settings, cloud_server: SimS
     assert not alive(cloud_server)
 
 
-async def test_client_that_goes_away_mid_run(settings: Settings, cloud_server: SimServer, tmp_path: Path) -> None:
+async def test_client_that_goes_away_mid_run_without_supervisor(
+    settings: Settings, cloud_server: SimServer, tmp_path: Path
+) -> None:
+    """With VAST_MCP_SUPERVISE=0 a run ends with its session (tests/e2e/test_durable.py covers the default)."""
     project, _ = make_project(tmp_path)
     args = run_args(project, command="echo started; sleep 600", results=None)
+    settings = dataclasses.replace(settings, supervise=False)
     async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
         started = await call(client, "run_job", args)
         log = ""

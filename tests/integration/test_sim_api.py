@@ -465,6 +465,25 @@ async def test_instance_key_acts_on_its_own_instance_only(
     assert await _show(sim_client, other["new_contract"]) is not None
 
 
+async def test_instance_key_stops_its_own_instance_which_then_bills_its_disk_only(
+    sim_cloud: SimCloud, sim_client: httpx2.AsyncClient, make_sim_client: Callable[..., httpx2.AsyncClient]
+) -> None:
+    mine = await _create(sim_client)
+    other = await _create(sim_client)
+    iid = mine["new_contract"]
+    await _wait_status(sim_client, iid, "running")
+    async with make_sim_client(mine["instance_api_key"]) as restricted:
+        r = await restricted.put(f"/api/v0/instances/{other['new_contract']}/", json={"state": "stopped"})
+        assert r.status_code == 403 and r.json()["error"] == "not_authorized"
+        r = await restricted.put(f"/api/v0/instances/{iid}/", json={"state": "stopped"})
+        assert r.status_code == 200, r.text
+    row = await _wait_status(sim_client, iid, "stopped")
+    inst = sim_cloud.instances[iid]
+    assert inst.hourly_rate() == inst.storage_per_hour > 0
+    assert row["storage_total_cost"] == round(inst.storage_per_hour, 6) < row["dph_total"]
+    assert (await _show(sim_client, iid)) is not None, "stopped, not destroyed: the disk stays"
+
+
 # --- logs -------------------------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ BUDGETS = {
     "cancel_job": 250,
     "run_command": 460,
     "run_job": 4000,  # nodes and sweep at the top level; further options belong in `offer` or `options`
-    "run_status": 540,
+    "run_status": 850,  # recent runs and the fetch/destroy of a run that outlived its session
 }
 
 

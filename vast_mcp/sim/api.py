@@ -204,6 +204,9 @@ async def change_instance(call: Call) -> Response:
     call.cloud.require(instance_id)
     if "label" not in body and "state" not in body:
         raise SimError(400, "invalid_args", "error 400/1782: Invalid args: expected 'state' or 'label'")
+    if call.principal is not None and call.principal.restricted and "label" in body:
+        # An instance's own key may stop or start its instance (its watchdog stops it), nothing more.
+        raise SimError(403, "not_authorized", "This key belongs to an instance and may not change its label.")
     if "label" in body:
         call.cloud.set_label(instance_id, body["label"])
     if "state" in body:
@@ -537,7 +540,7 @@ API_ROUTES: tuple[_Route, ...] = (
     # Vast answers a bad key here with 404 auth_error rather than 401; clients must treat both as "bad key".
     _r("GET", f"/api/v0/instances/{_ID}", show_instance, OWN_INSTANCE, bad_key_status=404),
     _r("DELETE", f"/api/v0/instances/{_ID}", destroy_instance, OWN_INSTANCE),
-    _r("PUT", f"/api/v0/instances/{_ID}", change_instance, USER),
+    _r("PUT", f"/api/v0/instances/{_ID}", change_instance, OWN_INSTANCE),
     _r("PUT", f"/api/v0/instances/reboot/{_ID}", reboot_instance, USER),
     _r("PUT", f"/api/v0/instances/bid_price/{_ID}", change_bid, USER),
     _r("PUT", f"/api/v0/instances/command/{_ID}", _not_offered("Executing commands through the API"), USER),
@@ -640,7 +643,10 @@ async def _authorise(route: _Route, call: Call) -> Response | None:
         body = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
         return JSONBody(body, status_code=route.bad_key_status)
     if principal.restricted and (route.auth != OWN_INSTANCE or str(principal.instance_id) != call.params.get("id")):
-        msg = f"This key belongs to instance {principal.instance_id} and may only show, destroy or read its logs."
+        msg = (
+            f"This key belongs to instance {principal.instance_id} and may only show, stop, start, destroy or read "
+            "its logs."
+        )
         return JSONBody({"success": False, "error": "not_authorized", "msg": msg}, status_code=403)
     call.principal = principal
     return None

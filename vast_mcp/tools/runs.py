@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context, Elicit, Resolve
@@ -18,6 +19,8 @@ from ..multinode import MAX_NODES
 from ..results import (
     RunView,
 )
+from ..runcodec import recent_view, stored_view
+from ..supervisor import cancel_run, fetch_run
 from ..sweep import MAX_SWEEP, start_sweep
 from ..vast.query import OfferFilters
 from ..workflow import RunPlan, RunSpec, plan_run
@@ -41,6 +44,7 @@ from .common import (
 from .run_args import RunOffer, RunOptions
 
 DEFAULT_RUN_IMAGE = "pytorch/pytorch"
+STORED_POLL_S = 2.0  # how often run_status re-reads a run another process follows
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,7 @@ def register(mcp: MCPServer) -> None:
 
         The user approves a price ceiling (max_dph, else the dearest of the cheapest few matches) for
         max_runtime_hours on up to 3 machines; a machine that fails to start is destroyed and the next tried.
-        Returns at once with run_id; follow with run_status. Ends with this session.
+        Returns at once with run_id; follow with run_status. If the client goes away, a supervisor finishes the run.
         """
         answered()
         with agent_errors():
@@ -242,18 +246,49 @@ def register(mcp: MCPServer) -> None:
                 result.sweep_runs = [r.id for r in runs]
         return tool_result(result, result.summary())
 
-    @tool(mcp, "Follow a run", read_only=True, destructive=False, idempotent=True, open_world=False)
+    @tool(mcp, "Follow a run", read_only=False, destructive=True, idempotent=False, open_world=True)
     async def run_status(
         ctx: Context[AppState, Any],
-        run_id: Annotated[str, Field(min_length=1, max_length=64)],
+        run_id: Annotated[
+            str | None, Field(min_length=1, max_length=64, description="Omit to list recent runs.")
+        ] = None,
         cursor: Annotated[int, Field(ge=0, description="Log offset: 0, then next_cursor.")] = 0,
         wait_s: WaitS = 40.0,
+        action: Annotated[
+            Literal["fetch", "destroy"] | None,
+            Field(description="fetch: download a waiting run's results, then destroy; destroy: end the run now."),
+        ] = None,
     ) -> Annotated[CallToolResult, RunView]:
         """A run's phase, cost so far, machines tried (and why they failed) and new job log; the receipt at the
-        end. Free. Waits for the end, answering early when a page of log is waiting."""
+        end. Waits for the end, answering early when a page of log is waiting. Runs outlive sessions: any later
+        session finds them here. waiting: the job ended while nobody was connected; its results wait on a stopped
+        instance (billing its disk) until action fetch or destroy."""
         with agent_errors():
             book = await runs_of(ctx)
-            run = book.get(run_id)
+            service = book.service
+            if run_id is None:
+                listed = await recent_view(service, book.store)
+                return tool_result(listed, listed.summary())
+            run = book.find(run_id)
+            if action == "destroy":
+                await cancel_run(service.client, service.ledger, book.store, run_id)
+                if run is not None:
+                    with anyio.move_on_after(10):
+                        await run.done.wait()
+            elif action == "fetch":
+                run = await fetch_run(book, run_id)
+            if run is None:
+                rec = await book.store.get(run_id)
+                if rec is None or rec.scope != service.scope:
+                    book.get(run_id)  # raises, naming the runs of this session
+                assert rec is not None
+                with anyio.move_on_after(wait_s):  # another process follows it: watch the ledger for its end
+                    while rec is not None and rec.state in ("running", "recovering"):
+                        await anyio.sleep(STORED_POLL_S)
+                        rec = await book.store.get(run_id)
+                assert rec is not None
+                stored = await stored_view(service, rec)
+                return tool_result(stored, stored.summary())
             await book.wait(run, cursor, wait_s, progress_of(ctx))
             result = await book.view(run, cursor)
         return tool_result(result, result.summary())

@@ -90,6 +90,7 @@ class Instance(VastModel):
     num_gpus: int | None = None
     gpu_name: str | None = None
     dph_total: float | None = None
+    storage_total_cost: float | None = None  # $/hour of its disk alone: what it bills while stopped
     disk_space: float | None = None
     start_date: float | None = None
     public_ipaddr: str | None = None

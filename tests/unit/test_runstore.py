@@ -1,0 +1,94 @@
+"""Runs in the ledger against real SQLite: a run in progress holds its instances (no teardown or sweep destroys
+them), a take-over moves them to the new owner, a stale owner's save is ignored, and a cancel asked from outside
+is never undone."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vast_mcp.ledger import Ledger, LedgerInstance, ledger_path
+from vast_mcp.runstore import MachineRecord, RunRecord, RunStore
+
+pytestmark = pytest.mark.anyio
+
+SCOPE = "http://127.0.0.1:1#abc"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _instance(ledger: Ledger, session_id: str, instance_id: int) -> LedgerInstance:
+    row = await ledger.record_intent(session_id, offer_id=100, machine_id=7, quoted_dph=0.5, max_runtime_h=2.0)
+    return await ledger.mark_created(row.row_id, instance_id)
+
+
+def _run(session_id: str, row: LedgerInstance, state: str = "running") -> RunRecord:
+    machine = MachineRecord(
+        number=1, offer_id=100, machine_id=7, gpu="RTX", dph=0.5, instance_id=row.instance_id, instance_row=row.row_id
+    )
+    return RunRecord(
+        id="r-1",
+        scope=SCOPE,
+        session_id=session_id,
+        origin_session=session_id,
+        state=state,
+        phase="running",
+        spec={"max_runtime_h": 2.0},
+        approval={"ceiling_dph": 0.6},
+        started_at=1.0,
+        job_id="j-1",
+        instance_id=row.instance_id,
+        machines=(machine,),
+    )
+
+
+async def test_a_run_in_progress_holds_its_instance_until_it_ends(tmp_path: Path) -> None:
+    async with await Ledger.open(ledger_path(tmp_path)) as ledger:
+        store = RunStore(ledger)
+        session = await ledger.start_session(SCOPE)
+        held = await _instance(ledger, session.id, 1)
+        idle = await _instance(ledger, session.id, 2)
+        assert await store.save(_run(session.id, held))
+        assert [r.row_id for r in await ledger.to_destroy(session.id)] == [idle.row_id]
+        await ledger.end_session(session.id)
+        assert [r.row_id for r in await ledger.orphans(SCOPE)] == [idle.row_id]
+        assert [r.id for r in await store.adoptable(SCOPE, lease_s=600, besides="nobody")] == ["r-1"]
+        assert await store.save(_run(session.id, held, state="succeeded"))
+        assert {r.row_id for r in await ledger.orphans(SCOPE)} == {held.row_id, idle.row_id}
+        assert await store.adoptable(SCOPE, lease_s=600, besides="nobody") == []
+
+
+async def test_a_take_over_moves_the_instances_and_silences_the_old_owner(tmp_path: Path) -> None:
+    async with await Ledger.open(ledger_path(tmp_path)) as ledger:
+        store = RunStore(ledger)
+        old = await ledger.start_session(SCOPE)
+        new = await ledger.start_session(SCOPE)
+        row = await _instance(ledger, old.id, 1)
+        await store.save(_run(old.id, row))
+        adopted = await store.adopt("r-1", new.id, from_session=old.id)
+        assert adopted is not None and adopted.session_id == new.id and adopted.origin_session == old.id
+        assert (await ledger.instance(row.row_id)).session_id == new.id
+        assert await store.adopt("r-1", "third", from_session=old.id) is None, "taken once only"
+        assert not await store.save(_run(old.id, row, state="failed")), "the old owner no longer writes"
+        rec = await store.get("r-1")
+        assert rec is not None and rec.state == "running"
+
+
+async def test_a_cancel_from_outside_is_never_undone_by_the_owner(tmp_path: Path) -> None:
+    async with await Ledger.open(ledger_path(tmp_path)) as ledger:
+        store = RunStore(ledger)
+        session = await ledger.start_session(SCOPE)
+        row = await _instance(ledger, session.id, 1)
+        await store.save(_run(session.id, row))
+        cancelled = await store.request_cancel("r-1")
+        assert cancelled is not None and cancelled.state == "cancelled" and cancelled.cancel_requested
+        assert await store.cancel_requested("r-1")
+        await store.save(dataclasses.replace(_run(session.id, row), detail="still following"))
+        rec = await store.get("r-1")
+        assert rec is not None and rec.state == "cancelled" and rec.detail == "still following"
+        assert [r.row_id for r in await ledger.to_destroy(session.id)] == [row.row_id], "no longer held"
