@@ -116,7 +116,7 @@ class Bench:
             view = await self.read(0)
             if view["instance_id"] not in (None, *not_one_of) and view["phase"] == "running":
                 return int(view["instance_id"])
-            if time.monotonic() > deadline or view["status"] != "running":
+            if time.monotonic() > deadline or view["status"] not in ("running", "recovering"):
                 raise RuntimeError(f"the run never got its job running on a new machine: {view['detail']}")
             await anyio.sleep(0.1)
 
@@ -151,7 +151,7 @@ class Bench:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             view = await self.read(10)
-            if view["status"] != "running" and not view["log_more"]:
+            if view["status"] not in ("running", "recovering") and not view["log_more"]:
                 return view
         raise RuntimeError(f"run {self.run_id} did not end within {WAIT_S:g} s")
 

@@ -329,7 +329,9 @@ class CommandResult(BaseModel):
         )
 
 
-RunStatus = Literal["approval_required", "declined", "running", "waiting", "succeeded", "failed", "cancelled", "listed"]
+RunStatus = Literal[
+    "approval_required", "declined", "running", "recovering", "waiting", "succeeded", "failed", "cancelled", "listed"
+]
 RunPhase = Literal["renting", "booting", "uploading", "running", "downloading", "destroying", "done"]
 
 
@@ -473,7 +475,7 @@ class RunView(BaseModel):
     def _headline(self) -> str:
         cost = f"${self.cost_usd:.4f} so far"
         where = f" on instance {self.instance_id}" if self.instance_id is not None else ""
-        if self.status == "running":
+        if self.status in ("running", "recovering"):
             detail = f": {self.detail}" if self.detail else ""
             return f"Run {self.run_id} {self.phase}{where}{detail} ({self.elapsed_s:.0f} s, {cost})."
         return f"Run {self.run_id} {self.status} after {self.elapsed_s:.0f} s."
@@ -485,7 +487,9 @@ def _run_lines(runs: list[RunBrief]) -> list[str]:
     lines = ["Recent runs (newest first):"]
     for r in runs:
         where = (
-            f", instance {r.instance_id}" if r.instance_id is not None and r.status in ("running", "waiting") else ""
+            f", instance {r.instance_id}"
+            if r.instance_id is not None and r.status in ("running", "recovering", "waiting")
+            else ""
         )
         results = f", results in {r.results_dir}" if r.results_dir else ""
         lines.append(f"  {r.run_id}: {r.status}{where}, ${r.cost_usd:.4f}{results}")

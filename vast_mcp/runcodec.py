@@ -122,7 +122,7 @@ async def record_of(run: Run, service: Service, *, reported: bool) -> RunRecord:
         scope=service.scope,
         session_id=service.session_id,
         origin_session=run.origin_session or service.session_id,
-        state=_STATES.get(run.status, "cancelled"),
+        state="recovering" if run.status == "running" and run.recovering else _STATES.get(run.status, "cancelled"),
         phase=run.phase,
         detail=run.detail,
         spec=spec_data(run.spec),
@@ -209,7 +209,7 @@ def receipt_of(rec: RunRecord) -> RunReceipt | None:
 
 _VIEW_STATUS: dict[str, RunStatus] = {
     "running": "running",
-    "recovering": "running",
+    "recovering": "recovering",
     "waiting": "waiting",
     "succeeded": "succeeded",
     "failed": "failed",

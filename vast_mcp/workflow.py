@@ -367,6 +367,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)  # found before the job started (e.g. no dead-man's switch)
     mirror: CheckpointMirror | None = None  # the checkpoint folder's local copy, when the run declared one
     recoveries: int = 0  # machines replaced after the job had started on them
+    recovering: bool = False  # between losing a machine mid-job and the job starting again on the next
     machine_lost: bool = False  # set by the watch: the last problem was the machine, not the job
     first_ends_at: float | None = None  # wall time the first machine's job reached its approved max runtime
     started_wall: float = field(default_factory=time.time)
@@ -545,7 +546,7 @@ class RunBook:
 
     async def _view(self, run: Run, start: int, nxt: int, skipped: int, with_approval: bool) -> RunView:
         return RunView(
-            status=run.status,
+            status="recovering" if run.status == "running" and run.recovering else run.status,
             run_id=run.id,
             phase=run.phase,
             detail=run.detail,
@@ -965,6 +966,7 @@ class RunBook:
             if run.first_ends_at is not None and time.time() >= run.first_ends_at:
                 raise _RunFailed(f"{problem} The run's approved max runtime is used up, so it stops here.")
             run.recoveries += 1
+            run.recovering = True
             run.touch("renting", f"machine lost ({problem}); renting another to resume on")
             current = await self._rent(run)
             assert current.instance_id is not None
@@ -976,6 +978,7 @@ class RunBook:
                         resume = await run.mirror.restore(service, current.instance_id) > 0
                 except (VastMCPError, TimeoutError) as exc:
                     raise _RunFailed(f"The checkpoint could not be restored onto the new machine: {exc}") from None
+            run.recovering = False
             problem = await self._attempt(run, current, resume=resume)
         assert current.instance_id is not None
         iid = current.instance_id

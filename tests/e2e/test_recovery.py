@@ -95,12 +95,16 @@ async def until_mirrored(tmp_path: Path, step: int) -> int:
 async def machine_of(client: Client, run_id: str, not_one_of: set[int]) -> int:
     """The instance the run's job runs on now, once it is not one of `not_one_of`."""
     deadline = time.monotonic() + WAIT_S
+    statuses: set[str] = set()
     while True:
         view = await call(client, "run_status", {"run_id": run_id, "wait_s": 0})
+        statuses.add(view["status"])
         iid = view["instance_id"]
         if iid is not None and iid not in not_one_of and view["phase"] == "running":
+            # Between losing a machine and the job starting on the next, the run says it is recovering.
+            assert not not_one_of or "recovering" in statuses, statuses
             return int(iid)
-        assert view["status"] == "running", view
+        assert view["status"] in ("running", "recovering"), view
         assert time.monotonic() < deadline, "the run never got its job running on a new machine"
         await anyio.sleep(0.2)
 
@@ -130,7 +134,7 @@ class Follower:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             view = await self.read(10)
-            if view["status"] != "running" and not view["log_more"]:
+            if view["status"] not in ("running", "recovering") and not view["log_more"]:
                 return view, self.log
         raise AssertionError(f"run {self.run_id} did not end within {WAIT_S:g} s")
 
