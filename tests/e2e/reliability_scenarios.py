@@ -622,6 +622,11 @@ async def unconfirmed_destroy(run: Run) -> float | None:
     async with run.stdio() as client:
         cleanup = await run.settle(t0)
         await run.call(client, "list_instances", {})
+        # The instance is gone as soon as Vast takes the DELETE; the sweep records it once its paced read-back
+        # confirms, which must happen while this server runs (a session ending mid-confirm leaves `destroying`).
+        with anyio.move_on_after(30):
+            while [r.state.value for r in await run.ledger_rows()] != ["destroyed"]:
+                await anyio.sleep(0.2)
     run.note("API recovered; the next server start destroyed it")
     states = [r.state.value for r in await run.ledger_rows()]
     run.expect(states == ["destroyed"], f"ledger after the retry: {states}")
