@@ -332,6 +332,7 @@ class CommandResult(BaseModel):
 RunStatus = Literal[
     "approval_required", "declined", "running", "recovering", "waiting", "succeeded", "failed", "cancelled", "listed"
 ]
+TryOutcome = Literal["starting", "used", "failed", "lost"]  # lost: the machine went mid-job (recovery)
 RunPhase = Literal["renting", "booting", "uploading", "running", "downloading", "destroying", "done"]
 
 
@@ -342,7 +343,7 @@ class RunTry(BaseModel):
     gpu: str
     dph: float = Field(description="$/hour quoted for this machine, disk included.")
     instance_id: int | None = None
-    outcome: Literal["starting", "used", "failed", "lost"]
+    outcome: TryOutcome
     reason: str | None = Field(default=None, description="Why this machine was given up, in plain words.")
     destroyed: bool = Field(default=False, description="Vast confirmed the instance is gone.")
     kept: bool = Field(default=False, description="Kept for debugging at the caller's request (it keeps billing).")

@@ -16,7 +16,7 @@ from .bids import BidTerms
 from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S
 from .consent import Quote
 from .ledger import Ledger
-from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunTry, RunView
+from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunTry, RunView, TryOutcome
 from .runstore import MachineRecord, RunRecord, RunStore
 from .service import Service
 from .vast.query import OfferFilters
@@ -250,7 +250,7 @@ async def stored_view(service: Service, rec: RunRecord) -> RunView:
                 gpu=m.gpu,
                 dph=m.dph,
                 instance_id=m.instance_id,
-                outcome="used" if m.outcome == "used" else "failed" if m.outcome == "failed" else "starting",
+                outcome=cast(TryOutcome, m.outcome) if m.outcome in get_args(TryOutcome) else "starting",
                 reason=m.reason,
                 destroyed=m.destroyed,
                 kept=m.kept,

@@ -92,3 +92,49 @@ async def test_a_cancel_from_outside_is_never_undone_by_the_owner(tmp_path: Path
         rec = await store.get("r-1")
         assert rec is not None and rec.state == "cancelled" and rec.detail == "still following"
         assert [r.row_id for r in await ledger.to_destroy(session.id)] == [row.row_id], "no longer held"
+
+
+async def test_a_stored_run_keeps_its_recovery_terms_and_lost_machines(tmp_path: Path) -> None:
+    """What a later session or the supervisor reads back: the checkpoint folder and bid terms (else a taken-over run
+    could neither resume nor re-bid), and a machine lost mid-job shown as lost, not as still starting."""
+    from vast_mcp.bids import BidTerms
+    from vast_mcp.config import Secret, Settings
+    from vast_mcp.runcodec import quote_of, spec_data, spec_of, stored_view
+    from vast_mcp.service import Service
+    from vast_mcp.vast.query import OfferFilters
+    from vast_mcp.workflow import RunSpec
+
+    spec = RunSpec(
+        command="python train.py",
+        image="pytorch/pytorch",
+        template_hash=None,
+        filters=OfferFilters(),
+        query="",
+        disk_gb=32.0,
+        max_runtime_h=2.0,
+        budget_dph=None,
+        checkpoint_dir="ckpt",
+        checkpoint_every_s=5.0,
+        interruptible=True,
+        bid_margin=0.2,
+    )
+    back = spec_of(spec_data(spec))
+    assert (back.checkpoint_dir, back.checkpoint_every_s, back.interruptible, back.bid_margin) == (
+        "ckpt",
+        5.0,
+        True,
+        0.2,
+    )
+    terms = BidTerms(price=0.3, min_bid=0.25, margin=0.2, storage_dph=0.01, on_demand_dph=0.5)
+    quote = {"quote_id": "q", "offer_id": 1, "machine_id": 7, "gpu_name": "RTX", "num_gpus": 1, "gpu_ram_gb": 24.0}
+    quote |= {"dph": 0.31, "disk_gb": 32.0, "max_runtime_h": 2.0, "reliability": 0.99, "location": None}
+    quote |= {"inet_up_cost": None, "inet_down_cost": None, "params_digest": "d", "created_at": 0.0, "expires_at": 1.0}
+    assert quote_of({**quote, "bid": dataclasses.asdict(terms)}).bid == terms
+
+    settings = Settings(api_key=Secret("k"), vast_url="http://127.0.0.1:9", state_dir=tmp_path / "state")
+    async with Service.open(settings) as service:
+        row = await _instance(service.ledger, service.session_id, 1)
+        rec = _run(service.session_id, row)
+        lost = dataclasses.replace(rec.machines[0], outcome="lost", reason="the host went offline")
+        view = await stored_view(service, dataclasses.replace(rec, machines=(lost,)))
+    assert [t.outcome for t in view.tries] == ["lost"]
