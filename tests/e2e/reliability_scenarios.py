@@ -625,7 +625,9 @@ async def unconfirmed_destroy(run: Run) -> float | None:
         # The instance is gone as soon as Vast takes the DELETE; the sweep records it once its paced read-back
         # confirms, which must happen while this server runs (a session ending mid-confirm leaves `destroying`).
         with anyio.move_on_after(30):
-            while [r.state.value for r in await run.ledger_rows()] != ["destroyed"]:
+            for _ in range(150):  # the ledger is another process's file: read it again, there is no event to await
+                if [r.state.value for r in await run.ledger_rows()] == ["destroyed"]:
+                    break
                 await anyio.sleep(0.2)
     run.note("API recovered; the next server start destroyed it")
     states = [r.state.value for r in await run.ledger_rows()]
