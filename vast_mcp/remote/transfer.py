@@ -411,9 +411,22 @@ _UNPACK = {"raw": "tar -x -o -f -", "gzip": "gzip -dc | tar -x -o -f -", "zstd":
 async def _send_lane(host: RemoteHost, remote_dir: str, lane: _Lane, hash_files: bool, progress: _Progress) -> None:
     # `-o` is --no-same-owner on extraction for GNU tar and BusyBox alike (BusyBox has no long form).
     dest = remote_path_word(remote_dir)
-    command = f"mkdir -p -- {dest} && cd {dest} && {_UNPACK[lane.codec]}"
+    command = f"mkdir -p -- {dest} && cd {dest} && {_parents_first(lane)}{_UNPACK[lane.codec]}"
     async with host.channel(command, encoding=None, window=BULK_WINDOW) as proc:
         await _send_lane_on(proc, lane, hash_files, progress, remote_dir)
+
+
+def _parents_first(lane: _Lane) -> str:
+    """`mkdir -p` of the folders a lane of files only (the big files' lane) extracts into.
+
+    Its stream carries no folder entries: they come on the other lane, at the same time. GNU tar makes a missing
+    parent itself, but when the other lane's tar creates it between its failed open and its own mkdir, it reports
+    "Cannot open: No such file or directory" and the upload fails; made first, there is nothing to race for.
+    """
+    if any(e.kind != "file" for e in lane.entries):
+        return ""
+    parents = sorted({e.rel.rsplit("/", 1)[0] for e in lane.entries if "/" in e.rel})
+    return f"mkdir -p -- {' '.join(shlex.quote(p) for p in parents)} && " if parents else ""
 
 
 async def _send_lane_on(
