@@ -264,3 +264,19 @@ def test_capped_buffer_keeps_head_and_tail() -> None:
     small = CappedBuffer(10)
     small.write(b"\xffok")
     assert small.text() == "\ufffdok" and small.cut == 0
+
+
+def test_a_lane_of_files_only_makes_its_folders_before_extracting(tmp_path: Path) -> None:
+    """The big files' lane carries no folder entries (the other lane does, at the same time): its command makes
+    the folders first, so two tars never race to create one; names are quoted, option-like ones included."""
+    from vast_mcp.remote.transfer import _Lane, _parents_first
+
+    big = [
+        LocalEntry("proj/b.bin", tmp_path / "b", "file", 300_000),
+        LocalEntry("proj/-odd dir/c.bin", tmp_path / "c", "file", 300_000),
+        LocalEntry("top.bin", tmp_path / "t", "file", 300_000),
+    ]
+    assert _parents_first(_Lane(big)) == "mkdir -p -- proj 'proj/-odd dir' && "
+    assert _parents_first(_Lane([LocalEntry("top.bin", tmp_path / "t", "file", 1)])) == ""
+    with_folders = [LocalEntry("proj", tmp_path, "dir"), LocalEntry("proj/a.txt", tmp_path / "a", "file", 10)]
+    assert _parents_first(_Lane(with_folders)) == "", "a lane with its folders makes them in order itself"
