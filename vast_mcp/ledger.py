@@ -42,7 +42,7 @@ from .errors import LedgerError
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LABEL_PREFIX = "vmcp-"
 DEFAULT_LEASE_S = 600.0
 """How long a heartbeat vouches for a session whose process cannot be inspected from here (another host, another
@@ -390,6 +390,12 @@ CREATE TABLE run_machines (
 );
 """
 
+# A multi-node run's group (multinode.py): its cluster, overlay and each node's rank, address and job, as JSON, so
+# the supervisor can follow every node of a group whose session ended.
+_SCHEMA_V3 = """
+ALTER TABLE runs ADD COLUMN group_state TEXT
+"""
+
 HELD_STATES = ("running", "recovering", "waiting")
 """Run states in which the run, not the session, decides when its instances go."""
 
@@ -398,7 +404,7 @@ _HELD_SQL = (
     " NULL AND r.state IN (" + ",".join(f"'{s}'" for s in HELD_STATES) + "))"
 )
 
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 """Script that brings the schema from version `n - 1` to `n`."""
 
 

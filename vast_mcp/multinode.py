@@ -8,6 +8,13 @@ marked with its node's rank → download from rank 0 (and from every node for `a
 the overlay. One node failing (not starting, its job failing, its machine lost) fails the run: the other nodes'
 jobs are stopped and every machine destroyed.
 
+With a checkpoint folder the group recovers from a lost machine instead: rank 0's folder is fetched while the job
+runs (`checkpoints.py`); when a node's machine is lost (stopped, offline, gone, or no longer answering) every node's
+job is stopped, the lost machine is destroyed and replaced by another machine of the same cluster within the
+approval, the replacement joins the overlay and gets the uploads, every node's checkpoint folder is replaced by the
+last fetched copy (so all ranks resume from the same step), and torchrun starts again on every node with
+`VAST_MCP_RESUME=1`. A job that fails by itself (every machine still up) is not restarted.
+
 torchrun's static rendezvous (`--master_addr`/`--master_port`, `--node_rank`) is used rather than c10d, so node i
 is rank i as the log and the results say. The flags are spelled with underscores, which every torchrun accepts.
 """
@@ -19,13 +26,14 @@ import dataclasses
 import ipaddress
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .checkpoints import keep_synced
 from .consent import PRICE_EPSILON
 from .errors import (
     CapExceededError,
@@ -35,6 +43,7 @@ from .errors import (
     VastAPIError,
     VastMCPError,
 )
+from .remote.transfer import remote_path_word
 from .vast.models import Offer
 from .vast.query import build_offer_query
 
@@ -50,6 +59,7 @@ ALL_RANKS = "all-ranks:"  # a results path fetched from every node, into rank-<i
 PROBE_S = 30.0
 STOP_S = 30.0
 TAIL_WAIT_S = 20.0
+RECOVERING_TAIL_WAIT_S = 2.0  # a group that recovers reads logs often: what a lost machine printed is lost with it
 TAIL_SPACING_S = 2.0
 WATCH_FAILURES = 6
 LOG_KEEP_BYTES = 64 * 1024
@@ -175,13 +185,24 @@ def group_question(plan: RunPlan, cap_words: str = "") -> str:
     setup = f" after {len(spec.setup)} setup command(s)" if spec.setup else ""
     names = sorted({*spec.env, *spec.secrets})
     env = f", with environment variables {', '.join(names)}" if names else ""
+    spare = spec.max_tries - 1
+    if spec.recovers and spare > 0:
+        failure = (
+            f"If a machine is lost while the job runs, every node's job is stopped, that machine is destroyed and "
+            f"replaced by another of the same cluster at no more than ${plan.ceiling_dph:.3f}/hr (up to {spare} "
+            f"replacement(s) in all), and every node resumes from the last checkpoint ({spec.checkpoint_dir}, "
+            f"fetched from rank 0 every {spec.checkpoint_every_s:g} s), within what is left of the max runtime; "
+            f"if any other failure happens, the run fails and all {n} are destroyed"
+        )
+    else:
+        failure = f"If any machine fails, the run fails and all {n} are destroyed"
     return (
         f"Run a multi-node job on {n} machines of one cluster: {n} × {q.gpu} at about ${q.dph:.3f}/hr each "
         f"(up to {n} × ${plan.ceiling_dph:.3f}/hr = ${n * plan.ceiling_dph:.3f}/hr; {plan.ceiling_why}). Every "
         f"node runs `torchrun --nnodes={n} ... {command}`{setup}{env}. Approving allows up to "
         f"${n * plan.ceiling_dph:.3f}/hr for up to {spec.max_runtime_h:g} h (at most "
-        f"${n * plan.ceiling_dph * spec.max_runtime_h:,.2f} for the job). If any machine fails, the run fails and "
-        f"all {n} are destroyed; all are destroyed when the job ends.{cap_words}"
+        f"${n * plan.ceiling_dph * spec.max_runtime_h:,.2f} for the job). {failure}; all are destroyed when the job "
+        f"ends.{cap_words}"
     )
 
 
@@ -205,18 +226,68 @@ class _Node:
 
 
 @dataclass
-class _Group:
+class Group:
+    """A multi-node run's machines (one per rank) and the network between them."""
+
     nodes: list[_Node] = field(default_factory=list)
+    cluster_id: int | None = None
     overlay: str | None = None
+    network: ipaddress.IPv4Network | None = None  # the overlay's subnet, when Vast reports one
     failure: str | None = None
+    lost: dict[int, str] = field(default_factory=dict)  # rank → why its machine can no longer run the job
+
+    @property
+    def running(self) -> bool:
+        """Whether torchrun was started on every node: from then on another process can follow the group."""
+        return bool(self.nodes) and all(n.job_id is not None for n in self.nodes)
+
+    def record(self) -> dict[str, Any]:
+        """What the ledger keeps (`runstore.RunRecord.group`); each node names its machine by its try's number."""
+        return {
+            "cluster_id": self.cluster_id,
+            "overlay": self.overlay,
+            "subnet": str(self.network) if self.network is not None else None,
+            "nodes": [
+                {"rank": n.rank, "try": n.attempt.number, "iface": n.iface, "address": n.address, "job_id": n.job_id}
+                for n in self.nodes
+            ],
+        }
+
+    @classmethod
+    def of(cls, data: dict[str, Any], tries: Sequence[_Try]) -> Group:
+        """The group back from its record, each node with its run's try."""
+        by_number = {t.number: t for t in tries}
+        group = cls(cluster_id=data.get("cluster_id"), overlay=data.get("overlay"))
+        if data.get("subnet"):
+            group.network = ipaddress.IPv4Network(data["subnet"], strict=False)
+        for node in data.get("nodes", []):
+            attempt = by_number.get(node["try"])
+            if attempt is not None:
+                group.nodes.append(
+                    _Node(node["rank"], attempt, node.get("iface"), node.get("address"), node.get("job_id"))
+                )
+        return group
 
 
 async def run_group(book: RunBook, run: Run) -> None:
-    """The multi-node run; always leaves nothing billing and writes the receipt (via `book._finish`)."""
-    group = _Group()
+    """The multi-node run; always leaves nothing billing and writes the receipt (via `book._finish`). A run taken
+    over from the ledger (its session ended) goes on following the jobs its session started on every node."""
+    spec = run.spec
+    group = run.group = run.group or Group()
     try:
-        await _rent(book, run, group)
-        problem = await _train(book, run, group)
+        if run.resumed:
+            if not group.running:
+                raise GroupFailed(
+                    "The session that formed this group ended before torchrun ran on every node, so its machines "
+                    "are destroyed. Call run_job again."
+                )
+            problem = await _train(book, run, group, resume=False, follow=True)
+        else:
+            await _rent(book, run, group)
+            problem = await _train(book, run, group, resume=False)
+        while group.lost and spec.recovers:
+            resume = await _recover(book, run, group)
+            problem = await _train(book, run, group, resume=resume)
         files, missing, refused, results_dir, fetch_problem = await _fetch(book, run, group)
         if fetch_problem:
             problem = f"{problem} {fetch_problem}" if problem else fetch_problem
@@ -238,7 +309,7 @@ async def run_group(book: RunBook, run: Run) -> None:
         await book._finish(run, "failed", str(exc))
 
 
-async def _rent(book: RunBook, run: Run, group: _Group) -> None:
+async def _rent(book: RunBook, run: Run, group: Group) -> None:
     from .workflow import _Try
 
     service, spec = book.service, run.spec
@@ -248,6 +319,7 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
     cluster_id = next((o.cluster_id for o in offers if o.id == first.offer_id), None)
     if cluster_id is None:
         raise GroupFailed(f"Offer {first.offer_id} is no longer available; call run_job again for a new group.")
+    group.cluster_id = cluster_id
     service.remember_offers(offers, spec.disk_gb)
     others = [o for o in offers if o.cluster_id == cluster_id and o.id != first.offer_id]
     others.sort(key=lambda o: o.dph_total)
@@ -258,12 +330,8 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
             break
         if offer.machine_id in machines:
             continue
-        try:
-            quote = await service.quote(spec.request(offer.id))
-        except OfferUnavailableError:
-            continue
-        grant = service.approvals.failover(run.grant, quote)
-        if grant is not None:  # None: its price rose above what the user approved
+        grant = await _grant(book, run, offer)
+        if grant is not None:
             grants.append(grant)
             machines.add(offer.machine_id)
     if len(grants) < spec.nodes:
@@ -272,7 +340,7 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
             f"${run.grant.ceiling_dph:.3f}/hr; call run_job again (fewer nodes or a higher max_dph)."
         )
     for rank, grant in enumerate(grants):
-        attempt = _Try(rank + 1, grant.quote.offer_id, grant.quote.machine_id, grant.quote.gpu, grant.quote.dph)
+        attempt = _Try.of(len(run.tries) + 1, grant.quote)
         run.tries.append(attempt)
         group.nodes.append(_Node(rank, attempt))
     # Creates go one after the other (Vast paces its create route); the waits overlap.
@@ -285,6 +353,31 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
         assert created.instance_id is not None
         node.attempt.instance_id = created.instance_id
     run.instance_id = group.nodes[0].iid
+    reasons = await _ready(book, run, group.nodes)
+    if reasons:
+        rank = min(reasons)
+        for r, why in reasons.items():
+            group.nodes[r].attempt.outcome, group.nodes[r].attempt.reason = "failed", why
+        raise GroupFailed(f"Node {rank} (instance {group.nodes[rank].iid}) did not start: {reasons[rank]}")
+    for node in group.nodes:
+        node.attempt.outcome = "used"
+    await _network(book, run, group)
+    await _probe(book, run, group, group.nodes)
+    if spec.uploads:
+        await _upload(book, run, group.nodes)
+
+
+async def _grant(book: RunBook, run: Run, offer: Offer) -> Grant | None:
+    """The offer quoted and granted under the run's approval; None when it is gone or now above the ceiling."""
+    try:
+        quote = await book.service.quote(run.spec.request(offer.id))
+    except OfferUnavailableError:
+        return None
+    return book.service.approvals.failover(run.grant, quote)
+
+
+async def _ready(book: RunBook, run: Run, nodes: Sequence[_Node]) -> dict[int, str]:
+    """Wait until every one of `nodes` is usable, all at once; rank → why not, for those that are not."""
     reasons: dict[int, str] = {}
 
     async def ready(node: _Node) -> None:
@@ -296,27 +389,19 @@ async def _rent(book: RunBook, run: Run, group: _Group) -> None:
             reasons[node.rank] = reason
 
     async with anyio.create_task_group() as tg:
-        for node in group.nodes:
+        for node in nodes:
             tg.start_soon(ready, node)
-    if reasons:
-        rank = min(reasons)
-        for r, why in reasons.items():
-            group.nodes[r].attempt.outcome, group.nodes[r].attempt.reason = "failed", why
-        raise GroupFailed(f"Node {rank} (instance {group.nodes[rank].iid}) did not start: {reasons[rank]}")
-    for node in group.nodes:
-        node.attempt.outcome = "used"
-    await _network(book, run, group, cluster_id)
-    if spec.uploads:
-        await _upload(book, run, group)
+    return reasons
 
 
-async def _network(book: RunBook, run: Run, group: _Group, cluster_id: int) -> None:
-    """Join every node to a new overlay, then learn each node's overlay address and interface."""
+async def _network(book: RunBook, run: Run, group: Group) -> None:
+    """Make the run's overlay on the group's cluster and join every node to it."""
     client = book.service.client
+    assert group.cluster_id is not None
     name = f"vast-mcp-{run.id}"
     run.touch("booting", f"joining the {len(group.nodes)} machines to overlay network {name}")
     try:
-        await client.create_overlay(cluster_id, name)
+        await client.create_overlay(group.cluster_id, name)
         group.overlay = name
         for node in group.nodes:
             await client.join_overlay(name, node.iid)
@@ -324,9 +409,14 @@ async def _network(book: RunBook, run: Run, group: _Group, cluster_id: int) -> N
     except VastAPIError as exc:
         raise GroupFailed(f"The overlay network between the nodes could not be set up: {exc}") from None
     try:
-        network = ipaddress.IPv4Network(str(subnet), strict=False) if subnet else None
+        group.network = ipaddress.IPv4Network(str(subnet), strict=False) if subnet else None
     except ValueError:
-        network = None  # an unreadable subnet: any private address on the node will do
+        group.network = None  # an unreadable subnet: any private address on the node will do
+
+
+async def _probe(book: RunBook, run: Run, group: Group, nodes: Sequence[_Node]) -> None:
+    """Learn each of `nodes`' overlay address and interface."""
+    network = group.network
     failures: dict[int, str] = {}
 
     async def probe(node: _Node) -> None:
@@ -353,38 +443,47 @@ async def _network(book: RunBook, run: Run, group: _Group, cluster_id: int) -> N
                 return
 
     async with anyio.create_task_group() as tg:
-        for node in group.nodes:
+        for node in nodes:
             tg.start_soon(probe, node)
     if failures:
         rank = min(failures)
         raise GroupFailed(f"Node {rank}'s overlay address could not be read: {failures[rank]}")
-    lost = [n.rank for n in group.nodes if n.address is None]
+    lost = [n.rank for n in nodes if n.address is None]
     if lost:
         raise GroupFailed(
-            f"Node(s) {lost} show no address on overlay {name} ({subnet or 'no subnet reported'}); the image needs "
-            "python3 to read it. The machines may not support overlay networks: choose another cluster."
+            f"Node(s) {lost} show no address on overlay {group.overlay} ({network or 'no subnet reported'}); the "
+            "image needs python3 to read it. The machines may not support overlay networks: choose another cluster."
         )
-    run.touch(detail=f"overlay {name}: node 0 at {group.nodes[0].address}")
+    run.touch(detail=f"overlay {group.overlay}: node 0 at {group.nodes[0].address}")
 
 
-async def _upload(book: RunBook, run: Run, group: _Group) -> None:
-    spec = run.spec
-    run.touch("uploading", f"uploading {len(spec.uploads)} path(s) to {len(group.nodes)} nodes")
+async def _each(nodes: Sequence[_Node], what: str, act: Callable[[_Node], Awaitable[object]]) -> None:
+    """`act` on every node at once, each bounded; the first node's failure (by rank) fails the group."""
     errors: dict[int, str] = {}
 
-    async def send(node: _Node) -> None:
+    async def one(node: _Node) -> None:
         try:
             with anyio.fail_after(TRANSFER_BOUND_S):
-                await book.service.upload(node.iid, list(spec.uploads), spec.remote_dir, list(spec.exclude), False)
+                await act(node)
         except (VastMCPError, TimeoutError) as exc:
             errors[node.rank] = str(exc) or "no progress within the bound"
 
     async with anyio.create_task_group() as tg:
-        for node in group.nodes:
-            tg.start_soon(send, node)
+        for node in nodes:
+            tg.start_soon(one, node)
     if errors:
         rank = min(errors)
-        raise GroupFailed(f"The upload to node {rank} failed: {errors[rank]}")
+        raise GroupFailed(f"{what} node {rank} failed: {errors[rank]}")
+
+
+async def _upload(book: RunBook, run: Run, nodes: Sequence[_Node]) -> None:
+    spec = run.spec
+    run.touch("uploading", f"uploading {len(spec.uploads)} path(s) to {len(nodes)} node(s)")
+
+    async def send(node: _Node) -> None:
+        await book.service.upload(node.iid, list(spec.uploads), spec.remote_dir, list(spec.exclude), False)
+
+    await _each(nodes, "The upload to", send)
 
 
 def node_command(spec: RunSpec, rank: int, master: str, nproc: int) -> str:
@@ -395,39 +494,84 @@ def node_command(spec: RunSpec, rank: int, master: str, nproc: int) -> str:
     )
 
 
-async def _train(book: RunBook, run: Run, group: _Group) -> str | None:
-    """Start torchrun on every node and follow them all; None when every node's job exited 0."""
+async def _train(book: RunBook, run: Run, group: Group, *, resume: bool, follow: bool = False) -> str | None:
+    """Start torchrun on every node (or, with `follow`, go on following the jobs already running there) and follow
+    them all; None when every node's job exited 0. A machine lost meanwhile is in `group.lost`."""
     service, spec = book.service, run.spec
     master = group.nodes[0].address
     assert master is not None
-    run.touch("running", f"starting torchrun on {len(group.nodes)} nodes (rendezvous {master}:{MASTER_PORT})")
-    for node in group.nodes:
+    group.failure, group.lost = None, {}
+    started = (
+        "following torchrun again"
+        if follow
+        else "resuming torchrun from the checkpoint"
+        if resume
+        else ("starting torchrun")
+    )
+    run.touch("running", f"{started} on {len(group.nodes)} nodes (rendezvous {master}:{MASTER_PORT})")
+    for node in [] if follow else group.nodes:
         nproc = max(1, _gpus(node.attempt.gpu))
         node_spec = dataclasses.replace(spec, command=node_command(spec, node.rank, master, nproc))
         env = {**spec.env, "GLOO_SOCKET_IFNAME": node.iface or "", "NCCL_SOCKET_IFNAME": node.iface or ""}
+        node.job_id, node.exit_code, node.state = None, None, "running"
         try:
-            job = await service.start_job(node.iid, node_spec.script(), workdir=None, env=env, secrets=spec.secrets)
+            job = await service.start_job(
+                node.iid, node_spec.script(resume=resume), workdir=None, env=env, secrets=spec.secrets
+            )
         except VastMCPError as exc:
             group.failure = f"The job could not be started on node {node.rank}: {exc}"
+            await _check_machines(book, group)
             await _stop_all(book, group)
             return group.failure
         node.job_id = job.job_id
     run.job_id = group.nodes[0].job_id
-    run.job_started = time.monotonic()
-    row = await service.own(group.nodes[0].iid)
-    ends_at = (row.created_at if row is not None else time.time()) + spec.max_runtime_h * 3600
-    with anyio.move_on_after(max(0.0, ends_at - time.time())) as timer:
+    if run.job_started is None:
+        run.job_started = time.monotonic()
+    if run.first_ends_at is None:
+        row = await service.own(group.nodes[0].iid)
+        run.first_ends_at = (row.created_at if row is not None else time.time()) + spec.max_runtime_h * 3600
+    run.recovering = False
+    run.touch(detail=f"torchrun running on {len(group.nodes)} nodes" + (" (resumed)" if resume else ""))
+    with anyio.move_on_after(max(0.0, run.first_ends_at - time.time())) as timer:
         async with anyio.create_task_group() as tg:
-            for node in group.nodes:
-                tg.start_soon(_follow, book, run, group, node, tg.cancel_scope)
+            if run.mirror is not None:
+                # Rank 0 writes the checkpoints, as DDP jobs do; its folder is what every node resumes from.
+                tg.start_soon(keep_synced, run.mirror, service, group.nodes[0].iid, spec.checkpoint_every_s, run.note)
+            async with anyio.create_task_group() as followers:
+                for node in group.nodes:
+                    followers.start_soon(_follow, book, run, group, node, followers.cancel_scope)
+            tg.cancel_scope.cancel()
     run.job_ended = time.monotonic()
     if timer.cancelled_caught and group.failure is None:
         group.failure = f"The job ran past its maximum runtime of {spec.max_runtime_h:g} h and was stopped."
     if group.failure is not None:
+        if spec.recovers and not timer.cancelled_caught:
+            # A peer's job fails when a machine dies under the group, often before that machine's loss is seen.
+            await _check_machines(book, group)
         await _stop_all(book, group)
+    if run.mirror is not None and 0 not in group.lost:
+        # One last round from rank 0 (a failure here fails nothing): the kept copy is the latest checkpoint.
+        with anyio.move_on_after(TRANSFER_BOUND_S):
+            try:
+                await run.mirror.sync(service, group.nodes[0].iid)
+            except (VastMCPError, OSError) as exc:
+                run.note(f"the last checkpoint fetch failed ({exc})")
     codes = [n.exit_code for n in group.nodes]
     run.exit_code = next((c for c in codes if c not in (0, None)), codes[0])
     return group.failure
+
+
+async def _check_machines(book: RunBook, group: Group) -> None:
+    """Add to `group.lost` every node whose machine Vast shows stopped, offline or gone."""
+
+    async def check(node: _Node) -> None:
+        if node.rank not in group.lost and (why := await book._stopped(node.iid)) is not None:
+            group.lost[node.rank] = why
+
+    with anyio.move_on_after(STOP_S):
+        async with anyio.create_task_group() as tg:
+            for node in group.nodes:
+                tg.start_soon(check, node)
 
 
 def _gpus(gpu: str) -> int:
@@ -435,23 +579,25 @@ def _gpus(gpu: str) -> int:
     return int(head) if head.isdigit() else 1
 
 
-async def _follow(book: RunBook, run: Run, group: _Group, node: _Node, scope: anyio.CancelScope) -> None:
+async def _follow(book: RunBook, run: Run, group: Group, node: _Node, scope: anyio.CancelScope) -> None:
     """Copy one node's log into the run's, each line marked `[rank i]`; a failure stops the whole group."""
     service = book.service
     assert node.job_id is not None
     cursor, failures, partial = 0, 0, ""
+    hold = RECOVERING_TAIL_WAIT_S if run.spec.recovers else TAIL_WAIT_S
     while True:
         asked = time.monotonic()
         try:
             chunk = await service.tail(
-                node.iid, node.job_id, cursor=cursor, wait=TAIL_WAIT_S, max_bytes=LOG_KEEP_BYTES, budget=None
+                node.iid, node.job_id, cursor=cursor, wait=hold, max_bytes=LOG_KEEP_BYTES, budget=None
             )
         except VastMCPError as exc:
             failures += 1
             stopped = await book._stopped(node.iid)
             if stopped is not None or failures >= WATCH_FAILURES:
+                group.lost[node.rank] = stopped or f"it stopped answering over SSH ({exc})"
                 _fail(group, scope, f"Node {node.rank} (instance {node.iid}) was lost while the job ran "
-                      f"({stopped or exc}); the other nodes were stopped.")  # fmt: skip
+                      f"({group.lost[node.rank]}); the other nodes were stopped.")  # fmt: skip
                 return
             await anyio.sleep(min(2.0**failures, 15.0))
             continue
@@ -459,12 +605,14 @@ async def _follow(book: RunBook, run: Run, group: _Group, node: _Node, scope: an
         text = partial + chunk.text
         lines = text.split("\n")
         partial = lines.pop()
-        run.append_log("".join(f"[rank {node.rank}] {line}\n" for line in lines))
+        run.append_output("".join(f"[rank {node.rank}] {line}\n" for line in lines))
         cursor = chunk.next_cursor
         if chunk.state != "running" and not chunk.more:
             if partial:
-                run.append_log(f"[rank {node.rank}] {partial}\n")
+                run.append_output(f"[rank {node.rank}] {partial}\n")
             node.exit_code, node.state = chunk.exit_code, chunk.state
+            if chunk.state == "lost":  # no exit code: the container restarted under the job
+                group.lost[node.rank] = "the instance restarted under the job"
             if chunk.state != "exited":
                 _fail(
                     group, scope, f"The job on node {node.rank} ended as {chunk.state}; the other nodes were stopped."
@@ -481,17 +629,17 @@ async def _follow(book: RunBook, run: Run, group: _Group, node: _Node, scope: an
             await anyio.sleep(max(0.0, TAIL_SPACING_S - (time.monotonic() - asked)))
 
 
-def _fail(group: _Group, scope: anyio.CancelScope, why: str) -> None:
+def _fail(group: Group, scope: anyio.CancelScope, why: str) -> None:
     if group.failure is None:
         group.failure = why
     scope.cancel()
 
 
-async def _stop_all(book: RunBook, group: _Group) -> None:
+async def _stop_all(book: RunBook, group: Group) -> None:
     """Stop every node's job that may still run (bounded: the machines are destroyed next anyway)."""
 
     async def stop(node: _Node) -> None:
-        if node.job_id is None or node.state != "running":
+        if node.job_id is None or node.state != "running" or node.rank in group.lost:
             return
         with anyio.move_on_after(STOP_S), contextlib.suppress(VastMCPError):
             await book.service.cancel(node.iid, node.job_id)
@@ -502,7 +650,109 @@ async def _stop_all(book: RunBook, group: _Group) -> None:
                 tg.start_soon(stop, node)
 
 
-async def _fetch(book: RunBook, run: Run, group: _Group) -> tuple[int, list[str], list[str], Path | None, str | None]:
+# --- recovery ---------------------------------------------------------------------------------------------------
+
+
+async def _recover(book: RunBook, run: Run, group: Group) -> bool:
+    """Replace the group's lost machines on the same cluster and put the last checkpoint on every node; whether
+    there is a checkpoint to resume from. Raises `GroupFailed` when the approval allows no more."""
+    spec = run.spec
+    lost = sorted(group.lost)
+    why = "; ".join(f"node {rank}: {group.lost[rank]}" for rank in lost)
+    run.recoveries += 1
+    run.recovering = True
+    run.touch("renting", f"machine lost ({why}); replacing it on cluster {group.cluster_id} to resume the group")
+    for rank in lost:
+        attempt = group.nodes[rank].attempt
+        attempt.outcome, attempt.reason = "lost", group.lost[rank]
+        await book._destroy(run, attempt)  # a stopped machine still bills its disk
+    kept = (
+        f" The last checkpoint is in {run.mirror.local}."
+        if run.mirror is not None and run.mirror.has_checkpoint()
+        else ""
+    )
+    if run.first_ends_at is not None and time.time() >= run.first_ends_at:
+        raise GroupFailed(f"{why}. The run's approved max runtime is used up, so it stops here.{kept}")
+    fresh = [await _replace(book, run, group, rank, kept) for rank in lost]
+    assert group.overlay is not None
+    try:
+        for node in fresh:
+            await book.service.client.join_overlay(group.overlay, node.iid)
+    except VastAPIError as exc:
+        raise GroupFailed(f"The replacement machine could not join overlay {group.overlay}: {exc}{kept}") from None
+    await _probe(book, run, group, fresh)
+    if spec.uploads:
+        await _upload(book, run, fresh)
+    if run.mirror is None:
+        return False
+    mirror = run.mirror
+    run.touch("uploading", f"putting the last checkpoint on all {len(group.nodes)} nodes")
+    folder = remote_path_word(spec.remote_checkpoint())
+
+    async def restore(node: _Node) -> None:
+        # Whatever a surviving node wrote after the fetched checkpoint goes: every rank resumes from one step.
+        host = await book.service.connected(node.iid)
+        await host.check(f"rm -rf {folder}", time_limit=PROBE_S)
+        await mirror.restore(book.service, node.iid)
+
+    await _each(group.nodes, "Restoring the checkpoint on", restore)
+    return mirror.has_checkpoint()
+
+
+async def _replace(book: RunBook, run: Run, group: Group, rank: int, kept: str) -> _Node:
+    """Rent a usable machine for `rank` on the group's cluster within the approval: re-quoted under the ceiling,
+    none tried twice, at most `max_tries - 1` replacements in the whole run."""
+    from .workflow import _Try
+
+    service, spec = book.service, run.spec
+    allowed = spec.nodes + spec.max_tries - 1
+    while True:
+        if len(run.tries) >= allowed:
+            raise GroupFailed(
+                f"Node {rank}'s machine was lost and the run has used all {spec.max_tries - 1} replacement "
+                f"machine(s) its approval allows.{kept} Call run_job again to go on (with the same checkpoint_dir "
+                "the job resumes from it)."
+            )
+        busy = {t.machine_id for t in run.tries}
+        tried = {t.offer_id for t in run.tries}
+        offers = await service.client.search_offers(offer_query(spec, group.cluster_id))
+        service.remember_offers(offers, spec.disk_gb)
+        grant = None
+        for offer in sorted(offers, key=lambda o: o.dph_total):
+            if offer.id not in tried and offer.machine_id not in busy and (grant := await _grant(book, run, offer)):
+                break
+        if grant is None:
+            raise GroupFailed(
+                f"Node {rank}'s machine was lost and cluster {group.cluster_id} has no other free machine within the "
+                f"approved ${run.grant.ceiling_dph:.3f}/hr.{kept} Call run_job again to go on on another cluster "
+                "(with the same checkpoint_dir the job resumes from it)."
+            )
+        quote = grant.quote
+        attempt = _Try.of(len(run.tries) + 1, quote)
+        run.tries.append(attempt)
+        node = _Node(rank, attempt)
+        run.touch("renting", f"renting offer {quote.offer_id} for node {rank} ({quote.gpu}, ${quote.dph:.3f}/hr)")
+        try:
+            created = await service.create(spec.request(quote.offer_id), grant)
+        except CapExceededError as exc:
+            raise GroupFailed(f"{exc}{kept}") from None
+        except (ConsentError, OfferUnavailableError, VastAPIError) as exc:
+            attempt.outcome, attempt.reason = "failed", str(exc)
+            continue
+        assert created.instance_id is not None
+        attempt.instance_id = created.instance_id
+        reason = (await _ready(book, run, [node])).get(rank)
+        if reason is None:
+            attempt.outcome = "used"
+            group.nodes[rank] = node
+            if rank == 0:
+                run.instance_id = node.iid
+            return node
+        attempt.outcome, attempt.reason = "failed", reason
+        await book._destroy(run, attempt)
+
+
+async def _fetch(book: RunBook, run: Run, group: Group) -> tuple[int, list[str], list[str], Path | None, str | None]:
     """Download the results: plain paths from rank 0, `all-ranks:` paths from every node into rank-<i>/."""
     spec = run.spec
     if not spec.results or any(n.job_id is None for n in group.nodes):
@@ -539,7 +789,7 @@ def _remote(spec: RunSpec, paths: list[str]) -> list[str]:
     return dataclasses.replace(spec, results=tuple(paths)).remote_results()
 
 
-async def _teardown(book: RunBook, run: Run, group: _Group) -> None:
+async def _teardown(book: RunBook, run: Run, group: Group) -> None:
     """Destroy every node (in parallel), then the overlay."""
 
     async def destroy(node: _Node) -> None:

@@ -16,6 +16,7 @@ from .bids import BidTerms
 from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S
 from .consent import Quote
 from .ledger import Ledger
+from .multinode import Group
 from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunTry, RunView, TryOutcome
 from .runstore import MachineRecord, RunRecord, RunStore
 from .service import Service
@@ -50,6 +51,7 @@ def spec_data(spec: RunSpec) -> dict[str, Any]:
         "checkpoint_every_s": spec.checkpoint_every_s,
         "interruptible": spec.interruptible,
         "bid_margin": spec.bid_margin,
+        "nodes": spec.nodes,
     }
 
 
@@ -80,6 +82,7 @@ def spec_of(data: dict[str, Any]) -> RunSpec:
         checkpoint_every_s=data.get("checkpoint_every_s", DEFAULT_CHECKPOINT_EVERY_S),
         interruptible=data.get("interruptible", False),
         bid_margin=data.get("bid_margin", 0.0),
+        nodes=data.get("nodes", 1),
     )
 
 
@@ -144,6 +147,7 @@ async def record_of(run: Run, service: Service, *, reported: bool) -> RunRecord:
         started_at=run.started_wall,
         finished_at=_wall(run, run.finished_at),
         machines=tuple(machines),
+        group=run.group.record() if run.group is not None else None,
     )
 
 
@@ -196,6 +200,8 @@ def run_of(rec: RunRecord, service: Service, *, fetch: bool = False) -> Run:
         )
         for m in rec.machines
     ]
+    if rec.group is not None:
+        run.group = Group.of(rec.group, run.tries)
     return run
 
 

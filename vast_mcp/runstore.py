@@ -66,6 +66,7 @@ class RunRecord:
     finished_at: float | None = None
     updated_at: float = 0.0
     machines: tuple[MachineRecord, ...] = field(default_factory=tuple)
+    group: dict[str, Any] | None = None  # a multi-node run's group (`multinode.Group.record`)
 
     @property
     def final(self) -> bool:
@@ -118,6 +119,7 @@ def _record(conn: sqlite3.Connection, row: sqlite3.Row) -> RunRecord:
         finished_at=row["finished_at"],
         updated_at=row["updated_at"],
         machines=tuple(_machine(m) for m in machines),
+        group=json.loads(row["group_state"]) if row["group_state"] else None,
     )
 
 
@@ -166,6 +168,7 @@ class RunStore:
             "started_at": rec.started_at,
             "finished_at": rec.finished_at,
             "updated_at": now,
+            "group_state": json.dumps(rec.group) if rec.group is not None else None,
         }
 
         def run(conn: sqlite3.Connection) -> bool:

@@ -223,7 +223,13 @@ async def cancel_run(client: VastClient, ledger: Ledger, store: RunStore, run_id
     rec = await store.request_cancel(run_id)
     if rec is None:
         raise VastMCPError(f"No run {run_id!r} in the ledger. `vast-mcp runs` lists the runs.")
-    return await reap_rows(client, ledger, await run_rows(ledger, rec), within=120.0)
+    report = await reap_rows(client, ledger, await run_rows(ledger, rec), within=120.0)
+    overlay = (rec.group or {}).get("overlay")
+    if overlay:
+        # A multi-node run's private network goes with its machines (it costs nothing, but would stay listed).
+        with anyio.move_on_after(30), contextlib.suppress(VastMCPError):
+            await client.delete_overlay(str(overlay))
+    return report
 
 
 async def fetch_run(book: RunBook, run_id: str) -> Run:

@@ -40,7 +40,7 @@ from .errors import (
 )
 from .framing import DATA_BUDGET, RESULT_CAP, json_size, shown_size, visible
 from .ledger import LedgerInstance
-from .multinode import group_question, plan_group, run_group
+from .multinode import Group, group_question, plan_group, run_group
 from .pages import FIT_ROUNDS
 from .remote.transfer import remote_path_word
 from .results import (
@@ -318,6 +318,12 @@ class _Try:
     kept: bool = False
     on_demand_dph: float | None = None  # set for a bid: what the machine costs on demand, for the receipt
 
+    @classmethod
+    def of(cls, number: int, quote: Quote) -> _Try:
+        """Try `number` of a run, on the quoted offer."""
+        on_demand = quote.bid.on_demand_dph if quote.bid is not None else None
+        return cls(number, quote.offer_id, quote.machine_id, quote.gpu, quote.dph, on_demand_dph=on_demand)
+
     def view(self, row: LedgerInstance | None = None, now: float = 0.0) -> RunTry:
         outcome = self.outcome if self.outcome in ("used", "failed", "lost") else "starting"
         return RunTry(
@@ -366,6 +372,7 @@ class Run:
     finished_at: float | None = None
     warnings: list[str] = field(default_factory=list)  # found before the job started (e.g. no dead-man's switch)
     mirror: CheckpointMirror | None = None  # the checkpoint folder's local copy, when the run declared one
+    group: Group | None = None  # a multi-node run's nodes, once it has any
     recoveries: int = 0  # machines replaced after the job had started on them
     recovering: bool = False  # between losing a machine mid-job and the job starting again on the next
     machine_lost: bool = False  # set by the watch: the last problem was the machine, not the job
@@ -407,6 +414,9 @@ class Run:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def note(self, detail: str) -> None:
+        self.touch(detail=detail)
+
     def changed(self) -> anyio.Event:
         """An event set at the run's next change."""
         return self._changed
@@ -420,6 +430,15 @@ class Run:
             del self._log[:excess]
             self._log_start += excess
         self.touch()
+
+    def append_output(self, text: str) -> None:
+        """The job's output, into the run's log."""
+        if self.resumed and self.spec.secrets:
+            # The job's secret values are never stored, so this process could not mask them in its output.
+            if not self.log_end:
+                self.append_log("[the log is not shown: this job has secrets this process cannot mask]\n")
+        else:
+            self.append_log(text)
 
     def read_log(self, cursor: int, max_bytes: int) -> tuple[str, int, int, int]:
         """(text, start, next cursor, bytes skipped) from `cursor`, cut on a character boundary."""
@@ -465,7 +484,7 @@ class RunBook:
         run = Run(id=f"r-{secrets.token_hex(5)}", plan=plan, grant=grant, origin_session=self.service.session_id)
         self._runs[run.id] = run
         self._tg.start_soon(self._execute, run)
-        if self.service.settings.supervise and spec.nodes == 1:
+        if self.service.settings.supervise:
             from .supervisor import ensure_supervisor
 
             # Started now, so the run goes on even if this server is SIGKILLed and nobody runs its teardown.
@@ -499,8 +518,10 @@ class RunBook:
     @staticmethod
     def _can_go_on(run: Run) -> bool:
         """Secret values are never stored, so a run whose job still needs them cannot be started by anyone else;
-        a multi-node run's group is followed only by the session that formed it."""
-        return run.spec.nodes == 1 and (run.job_id is not None or not run.spec.secrets)
+        a multi-node group is taken over only once torchrun runs on every node (forming it is not resumed)."""
+        if run.spec.nodes > 1:
+            return run.group is not None and run.group.running
+        return run.job_id is not None or not run.spec.secrets
 
     def active(self) -> bool:
         """Whether any run is still going (its client may be silent for hours while it does)."""
@@ -643,8 +664,6 @@ class RunBook:
     async def _save(self, run: Run) -> None:
         from .runcodec import record_of
 
-        if run.spec.nodes > 1:
-            return  # a group is followed only by the session that formed it (`_can_go_on`): nothing to take over
         try:
             await self.store.save(await record_of(run, self.service, reported=not self.supervised))
         except Exception as exc:  # a run must not die of its bookkeeping; the next save tries again
@@ -652,11 +671,11 @@ class RunBook:
 
     async def _workflow(self, run: Run) -> None:
         try:
+            if run.spec.checkpoint_dir is not None:
+                run.mirror = CheckpointMirror(run.spec.remote_checkpoint(), self._results_dir(run) / LOCAL_FOLDER)
             if run.spec.nodes > 1:
                 await run_group(self, run)
                 return
-            if run.spec.checkpoint_dir is not None:
-                run.mirror = CheckpointMirror(run.spec.remote_checkpoint(), self._results_dir(run) / LOCAL_FOLDER)
             if run.resumed:
                 resumed = await self._resume_point(run)
                 if resumed is None:
@@ -764,8 +783,7 @@ class RunBook:
                 grant = await self._next_grant(run, excluded_machines, tried_offers)
             quote = grant.quote
             tried_offers.add(quote.offer_id)
-            current = _Try(number, quote.offer_id, quote.machine_id, quote.gpu, quote.dph)
-            current.on_demand_dph = quote.bid.on_demand_dph if quote.bid is not None else None
+            current = _Try.of(number, quote)
             run.tries.append(current)
             reason = await self._start_machine(run, current, grant)
             grant = None
@@ -1054,11 +1072,7 @@ class RunBook:
             await self._mark_instance(iid, run_marker_command(job_id, results=bool(spec.results)))
         async with anyio.create_task_group() as tg:
             if run.mirror is not None:
-
-                def note(text: str) -> None:
-                    run.touch(detail=text)
-
-                tg.start_soon(keep_synced, run.mirror, service, iid, spec.checkpoint_every_s, note)
+                tg.start_soon(keep_synced, run.mirror, service, iid, spec.checkpoint_every_s, run.note)
             problem = await self._watch(run, iid, job_id)
             tg.cancel_scope.cancel()
         run.job_ended = time.monotonic()
@@ -1068,7 +1082,7 @@ class RunBook:
                 try:
                     await run.mirror.sync(service, iid)
                 except (VastMCPError, OSError) as exc:
-                    run.touch(detail=f"the last checkpoint fetch failed ({exc})")
+                    run.note(f"the last checkpoint fetch failed ({exc})")
         return problem
 
     async def _watch(self, run: Run, iid: int, job_id: str) -> str | None:
@@ -1109,12 +1123,7 @@ class RunBook:
                 await anyio.sleep(min(2.0**failures, 15.0))
                 continue
             failures = 0
-            if run.resumed and run.spec.secrets:
-                # The job's secret values are never stored, so this process could not mask them in its output.
-                if not run.log_end:
-                    run.append_log("[the log is not shown: this job has secrets this process cannot mask]\n")
-            else:
-                run.append_log(chunk.text)
+            run.append_output(chunk.text)
             cursor = chunk.next_cursor
             if chunk.state != "running" and not chunk.more:
                 run.exit_code = chunk.exit_code

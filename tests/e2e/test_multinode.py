@@ -1,9 +1,11 @@
 """`run_job(nodes=2)`: a real two-node `torchrun` (gloo on CPU, DDP) across two simulated instances joined by an
-overlay network, driven through the SDK's in-process `Client`; and a node that fails taking the group down.
+overlay network, driven through the SDK's in-process `Client`; a node that fails taking the group down; and, with a
+checkpoint folder, a node whose host dies replaced on the same cluster with every rank resuming from the checkpoint.
 The simulated cloud's admin view and overlay list are the judges of what is left."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -13,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from durable_scenarios import RESULT, Durable, client_killed, server_killed, stop_supervisor
 from e2e_helpers import alive, answering, arm_fault, call, make_settings, sim_instances
 from mcp import Client
+from reliability_scenarios import Run
+from test_recovery import Follower, admin, machine_of, until_mirrored
 from test_run_job import follow
 
 from vast_mcp.consent import Caps
@@ -139,21 +144,25 @@ async def test_two_node_torchrun_trains_with_all_reduce(cluster_server: SimServe
     assert _overlays(cluster_server) == [], "the overlay is deleted with the nodes"
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "recovering"])
 async def test_one_node_failing_fails_the_run_and_destroys_every_node(
-    cluster_server: SimServer, tmp_path: Path
+    cluster_server: SimServer, tmp_path: Path, checkpoint: bool
 ) -> None:
-    # Rank 1 fails at once; rank 0 would wait a long time: the run must stop it rather than wait.
+    # Rank 1 fails at once; rank 0 would wait a long time: the run must stop it rather than wait. With a checkpoint
+    # folder too: every machine is still up, so the job failed by itself and is not restarted.
     script = "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(600)\nprint('late')\n"
     project = _project(tmp_path, script)
     settings = make_settings(cluster_server, tmp_path / "state")
+    options = {"checkpoint_dir": "ckpt"} if checkpoint else {}
     async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
-        started = await call(c, "run_job", _args(project, command="ddp/train.py"))
+        started = await call(c, "run_job", _args(project, command="ddp/train.py", options=options))
         final, log = await follow(c, started["run_id"])
         assert not alive(cluster_server)
     assert final["status"] == "failed"
     error = final["receipt"]["error"]
     assert "node 1" in error and "other nodes were stopped" in error, error
     assert "late" not in log
+    assert len(final["tries"]) == 2 and final["receipt"]["recoveries"] == 0
     assert all(t["destroyed"] for t in final["tries"]) and _overlays(cluster_server) == []
 
 
@@ -185,3 +194,138 @@ async def test_a_node_that_never_boots_fails_the_run_before_any_job(cluster_serv
     assert first["outcome"] == "failed" and second["outcome"] == "failed" and "with its group" in second["reason"]
     assert first["destroyed"] and second["destroyed"] and final["receipt"]["destroyed"]
     assert _overlays(cluster_server) == [], "no overlay was made for a group that never came up"
+
+
+STEPS = 8
+# The simulated catalog's cluster with a third machine of this kind, for the replacement.
+SPARE_CLUSTER = {"gpu_name": "RTX 4090", "num_gpus": 1, "min_reliability": 0.9}
+# Every step is an all-reduce across the group; rank 0 checkpoints after each. On its first start the job waits at
+# step 4, so the test knows exactly how far the group got when it loses a machine, whatever the machine's load.
+RESUMABLE = f"""\
+import os, time
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+ck = os.environ["VAST_MCP_CHECKPOINT_DIR"]
+resumed = os.environ["VAST_MCP_RESUME"] == "1"
+step = int(open(f"{{ck}}/step").read()) if resumed else 0
+if resumed:
+    print(f"rank={{rank}} resumed from step {{step}}", flush=True)
+while step < {STEPS}:
+    time.sleep(0.2)
+    total = torch.tensor([1.0])
+    dist.all_reduce(total)
+    step += 1
+    if rank == 0:
+        with open(f"{{ck}}/step.tmp", "w") as fh:
+            fh.write(str(step))
+        os.replace(f"{{ck}}/step.tmp", f"{{ck}}/step")
+    print(f"rank={{rank}} step {{step}} of a group of {{int(total.item())}}", flush=True)
+    if step == 4 and not resumed:
+        time.sleep(600)
+if rank == 0:
+    os.makedirs("out", exist_ok=True)
+    with open("out/result.txt", "w") as fh:
+        fh.write(f"done {{step}}\\n")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("lost_rank", [0, 1])
+async def test_a_lost_node_is_replaced_and_the_group_resumes_from_the_checkpoint(
+    cluster_server: SimServer, tmp_path: Path, lost_rank: int
+) -> None:
+    project = _project(tmp_path, RESUMABLE)
+    settings = dataclasses.replace(make_settings(cluster_server, tmp_path / "state"), checkpoint_every_s=0.5)
+    seen: list[str] = []
+    args = _args(
+        project,
+        command="ddp/train.py",
+        results=["out"],
+        options={"checkpoint_dir": "ckpt", "local_results_dir": str(tmp_path / "results")},
+        offer=SPARE_CLUSTER,
+    )
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept", seen=seen)) as c:
+        started = await call(c, "run_job", args)
+        run_id = started["run_id"]
+        await machine_of(c, run_id, set())
+        follower = Follower(c, run_id)
+        await until_mirrored(tmp_path, 4)
+        await follower.until_logged("[rank 1] rank=1 step 4 of a group of 2")
+        view = await call(c, "run_status", {"run_id": run_id, "wait_s": 0})
+        doomed = view["tries"][lost_rank]["instance_id"]
+        admin(cluster_server, f"{doomed}/fail")  # that node's host dies under the job
+        final, log = await follower.finish()
+        assert not alive(cluster_server), "the run destroys every machine itself"
+    assert len(seen) == 1 and "replaced by another of the same cluster" in seen[0], seen
+    assert final["status"] == "succeeded", (final, log)
+    receipt = final["receipt"]
+    assert (tmp_path / "results" / "out" / "result.txt").read_text() == f"done {STEPS}\n"
+    # Both ranks resumed from the step the group had reached, then went on together to the end.
+    for rank in (0, 1):
+        assert re.findall(rf"^\[rank {rank}\] rank={rank} resumed from step (\d+)$", log, re.M) == ["4"], log
+        after = log.rsplit(f"rank={rank} resumed from step", 1)[1]
+        steps = re.findall(rf"^\[rank {rank}\] rank={rank} step (\d+) of a group of 2$", after, re.M)
+        assert steps == [str(i) for i in range(5, STEPS + 1)], log
+    machines = receipt["machines"]
+    # The two first machines in rank order, then the replacement.
+    assert [m["outcome"] for m in machines] == ["lost" if r == lost_rank else "used" for r in (0, 1)] + ["used"]
+    lost = machines[lost_rank]
+    assert lost["instance_id"] == doomed and lost["destroyed"] and "offline" in lost["reason"]
+    assert all(m["destroyed"] for m in machines) and receipt["recoveries"] == 1
+    cluster = {r["id"]: r["cluster_id"] for r in sim_instances(cluster_server)}
+    assert len({cluster[m["instance_id"]] for m in machines}) == 1, "the replacement is on the group's cluster"
+    assert _overlays(cluster_server) == []
+
+
+TICKS = 20
+# A group job that outlives its session: every second an all-reduce across the group; rank 0 writes the result.
+TICKING = f"""\
+import os, time
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+for i in range(1, {TICKS} + 1):
+    time.sleep(1)
+    total = torch.tensor([1.0])
+    dist.all_reduce(total)
+    print(f"tick {{i}} of a group of {{int(total.item())}}", flush=True)
+if rank == 0:
+    os.makedirs("out", exist_ok=True)
+    with open("out/model.txt", "w") as fh:
+        fh.write("{RESULT}\\n")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("departure", [client_killed, server_killed], ids=["client-killed", "server-killed"])
+async def test_a_group_whose_session_ends_is_finished_by_the_supervisor(
+    cluster_server: SimServer, tmp_path: Path, departure: Any
+) -> None:
+    project = _project(tmp_path, TICKING)
+    world = Durable(Run(tmp_path, "group", cluster_server))
+    original = world.start
+
+    async def start_group(client: Client, seconds: int = 0, **extra: Any) -> str:
+        return await original(client, **_args(project, command="ddp/train.py", results=["out"]), **extra)
+
+    world.start = start_group  # type: ignore[method-assign]
+    try:
+        run_id = await departure(world)
+        assert await world.until_state(run_id, ("succeeded", "failed", "cancelled")) == "succeeded"
+        rec = await world.record(run_id)
+        assert rec is not None and rec.session_id != rec.origin_session, "the supervisor finished it"
+        assert (world.results / "out" / "model.txt").read_text() == f"{RESULT}\n"
+        assert rec.receipt is not None and rec.receipt["destroyed"], rec.receipt
+        log = str(rec.receipt["log_tail"])
+        for rank in (0, 1):
+            ticks = re.findall(rf"^\[rank {rank}\] tick (\d+) of a group of 2$", log, re.M)
+            assert ticks == [str(i) for i in range(1, TICKS + 1)], log
+        assert rec.group is not None and [n["rank"] for n in rec.group["nodes"]] == [0, 1]
+        assert not alive(cluster_server) and _overlays(cluster_server) == []
+    finally:
+        await stop_supervisor(world)

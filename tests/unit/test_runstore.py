@@ -5,6 +5,7 @@ is never undone."""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -117,13 +118,15 @@ async def test_a_stored_run_keeps_its_recovery_terms_and_lost_machines(tmp_path:
         checkpoint_every_s=5.0,
         interruptible=True,
         bid_margin=0.2,
+        nodes=2,
     )
     back = spec_of(spec_data(spec))
-    assert (back.checkpoint_dir, back.checkpoint_every_s, back.interruptible, back.bid_margin) == (
+    assert (back.checkpoint_dir, back.checkpoint_every_s, back.interruptible, back.bid_margin, back.nodes) == (
         "ckpt",
         5.0,
         True,
         0.2,
+        2,
     )
     terms = BidTerms(price=0.3, min_bid=0.25, margin=0.2, storage_dph=0.01, on_demand_dph=0.5)
     quote = {"quote_id": "q", "offer_id": 1, "machine_id": 7, "gpu_name": "RTX", "num_gpus": 1, "gpu_ram_gb": 24.0}
@@ -138,3 +141,45 @@ async def test_a_stored_run_keeps_its_recovery_terms_and_lost_machines(tmp_path:
         lost = dataclasses.replace(rec.machines[0], outcome="lost", reason="the host went offline")
         view = await stored_view(service, dataclasses.replace(rec, machines=(lost,)))
     assert [t.outcome for t in view.tries] == ["lost"]
+
+
+async def test_a_group_comes_back_from_the_ledger_with_each_rank_on_its_machine(tmp_path: Path) -> None:
+    """The supervisor follows a multi-node run from what the ledger kept: each rank's machine (a replacement's
+    too), overlay address and job. The ledger of a version without groups is upgraded in place, its runs kept."""
+    from vast_mcp.multinode import Group
+    from vast_mcp.workflow import _Try
+
+    db = ledger_path(tmp_path)
+    async with await Ledger.open(db) as ledger:
+        session = await ledger.start_session(SCOPE)
+        row = await _instance(ledger, session.id, 1)
+        await RunStore(ledger).save(_run(session.id, row))
+    conn = sqlite3.connect(db)  # back to the schema before groups: the column gone, the version 2
+    conn.execute("ALTER TABLE runs DROP COLUMN group_state")
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+    tries = [_Try(n, 100 + n, 7 + n, "RTX", 0.5, instance_id=10 + n) for n in (1, 2, 3)]
+    tries[0].outcome = "lost"  # rank 0's first machine was replaced by the third
+    data = {
+        "cluster_id": 7104,
+        "overlay": "vast-mcp-r-1",
+        "subnet": "10.100.0.0/24",
+        "nodes": [
+            {"rank": 0, "try": 3, "iface": "ov0", "address": "10.100.0.4", "job_id": "j-3"},
+            {"rank": 1, "try": 2, "iface": "ov0", "address": "10.100.0.3", "job_id": "j-2"},
+        ],
+    }
+    async with await Ledger.open(db) as ledger:
+        store = RunStore(ledger)
+        old = await store.get("r-1")
+        assert old is not None and old.group is None and old.job_id == "j-1"
+        assert await store.save(dataclasses.replace(old, group=data))
+        back = await store.get("r-1")
+    assert back is not None and back.group == data
+    group = Group.of(back.group, tries)
+    assert [(n.rank, n.iid, n.address, n.job_id) for n in group.nodes] == [
+        (0, 13, "10.100.0.4", "j-3"),
+        (1, 12, "10.100.0.3", "j-2"),
+    ]
+    assert group.running and str(group.network) == "10.100.0.0/24" and group.record() == data

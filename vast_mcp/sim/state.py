@@ -807,6 +807,7 @@ class SimCloud:
         return {
             "id": inst.id,
             "offer_id": inst.offer["id"],
+            "cluster_id": inst.offer.get("cluster_id"),
             "status": "destroyed" if inst.destroyed else inst.actual_status,
             "actual_status": inst.actual_status,
             "intended_status": inst.intended_status,

@@ -89,10 +89,10 @@ async def _plan_run_job(
                 check_image(image)
             if nodes > 1 and opts.keep_on_failure:
                 raise ToolError("keep_on_failure is for one machine; a multi-node run always destroys its nodes.")
-            if nodes > 1 and (opts.checkpoint_dir is not None or machine.interruptible):
+            if nodes > 1 and machine.interruptible:
                 raise ToolError(
-                    "A multi-node run cannot recover a lost node yet: give nodes without options.checkpoint_dir "
-                    "and offer.interruptible."
+                    "A multi-node run rents on demand: outbidding any one machine would stop the whole group. Give "
+                    "nodes without offer.interruptible (options.checkpoint_dir still lets it recover a lost machine)."
                 )
             if sweep and (nodes > 1 or opts.keep_on_failure):
                 raise ToolError("A sweep runs each entry on one machine: give it without nodes or keep_on_failure.")
