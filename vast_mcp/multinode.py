@@ -58,6 +58,7 @@ MASTER_PORT = 29500
 ALL_RANKS = "all-ranks:"  # a results path fetched from every node, into rank-<i>/
 PROBE_S = 30.0
 STOP_S = 30.0
+OVERLAY_GONE_S = 3.0  # what deleting the overlay may add to a session's end (the machines go meanwhile)
 TAIL_WAIT_S = 20.0
 RECOVERING_TAIL_WAIT_S = 2.0  # a group that recovers reads logs often: what a lost machine printed is lost with it
 TAIL_SPACING_S = 2.0
@@ -307,6 +308,12 @@ async def run_group(book: RunBook, run: Run) -> None:
                 node.attempt.outcome, node.attempt.reason = "failed", "destroyed with its group, which could not start"
         await _teardown(book, run, group)
         await book._finish(run, "failed", str(exc))
+    except anyio.get_cancelled_exc_class():
+        if not run.detached:
+            # The session ends under the run: its teardown destroys the machines, but knows nothing of the overlay.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(OVERLAY_GONE_S):
+                await _delete_overlay(book, run, group)
+        raise
 
 
 async def _rent(book: RunBook, run: Run, group: Group) -> None:
@@ -800,9 +807,16 @@ async def _teardown(book: RunBook, run: Run, group: Group) -> None:
         async with anyio.create_task_group() as tg:
             for node in group.nodes:
                 tg.start_soon(destroy, node)
-        if group.overlay is not None:
-            with anyio.move_on_after(STOP_S):
-                try:
-                    await book.service.client.delete_overlay(group.overlay)
-                except VastMCPError as exc:
-                    run.warnings.append(f"overlay {group.overlay} was not deleted ({exc}); delete it in the console")
+        with anyio.move_on_after(STOP_S):
+            await _delete_overlay(book, run, group)
+
+
+async def _delete_overlay(book: RunBook, run: Run, group: Group) -> None:
+    if group.overlay is None:
+        return
+    try:
+        await book.service.client.delete_overlay(group.overlay)
+    except VastMCPError as exc:
+        run.warnings.append(f"overlay {group.overlay} was not deleted ({exc}); delete it in the console")
+        return
+    group.overlay = None

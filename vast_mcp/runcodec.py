@@ -17,7 +17,7 @@ from .checkpoints import DEFAULT_CHECKPOINT_EVERY_S
 from .consent import Quote
 from .ledger import Ledger
 from .multinode import Group
-from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunTry, RunView, TryOutcome
+from .results import RunBrief, RunPhase, RunReceipt, RunStatus, RunView
 from .runstore import MachineRecord, RunRecord, RunStore
 from .service import Service
 from .vast.query import OfferFilters
@@ -185,24 +185,25 @@ def run_of(rec: RunRecord, service: Service, *, fetch: bool = False) -> Run:
     )
     if rec.job_started_at is not None:
         run.job_started = now_mono - (now_wall - rec.job_started_at)
-    run.tries = [
-        _Try(
-            number=m.number,
-            offer_id=m.offer_id,
-            machine_id=m.machine_id,
-            gpu=m.gpu,
-            dph=m.dph,
-            instance_id=m.instance_id,
-            outcome=m.outcome,
-            reason=m.reason,
-            destroyed=m.destroyed,
-            kept=m.kept,
-        )
-        for m in rec.machines
-    ]
+    run.tries = [_try_of(m) for m in rec.machines]
     if rec.group is not None:
         run.group = Group.of(rec.group, run.tries)
     return run
+
+
+def _try_of(m: MachineRecord) -> _Try:
+    return _Try(
+        number=m.number,
+        offer_id=m.offer_id,
+        machine_id=m.machine_id,
+        gpu=m.gpu,
+        dph=m.dph,
+        instance_id=m.instance_id,
+        outcome=m.outcome,
+        reason=m.reason,
+        destroyed=m.destroyed,
+        kept=m.kept,
+    )
 
 
 def receipt_of(rec: RunRecord) -> RunReceipt | None:
@@ -248,21 +249,7 @@ async def stored_view(service: Service, rec: RunRecord) -> RunView:
         cost_usd=round(await _cost(service.ledger, rec), 6),
         instance_id=rec.instance_id,
         job_id=rec.job_id,
-        tries=[
-            RunTry(
-                number=m.number,
-                offer_id=m.offer_id,
-                machine_id=m.machine_id,
-                gpu=m.gpu,
-                dph=m.dph,
-                instance_id=m.instance_id,
-                outcome=cast(TryOutcome, m.outcome) if m.outcome in get_args(TryOutcome) else "starting",
-                reason=m.reason,
-                destroyed=m.destroyed,
-                kept=m.kept,
-            )
-            for m in rec.machines
-        ],
+        tries=[_try_of(m).view() for m in rec.machines],
         receipt=receipt_of(rec),
         message=await waiting_words(service, rec) if rec.state == "waiting" else None,
     )

@@ -497,6 +497,15 @@ class RunBook:
         self._tg.start_soon(self._execute, run)
         return run
 
+    @staticmethod
+    def cancel(run: Run, why: str) -> None:
+        """Stop following the run now, as cancelled (whoever cancels destroys its instances)."""
+        if run.status not in ("running", "waiting"):
+            return
+        run.status, run.phase, run.detail = "cancelled", "done", why
+        run.finished_at = time.monotonic()
+        run.scope.cancel()
+
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
@@ -650,10 +659,7 @@ class RunBook:
             while not changed.is_set():  # a run that waits on a long job writes nothing, but still hears a cancel
                 try:
                     if await self.store.cancel_requested(run.id):
-                        run.status, run.phase = "cancelled", "done"
-                        run.detail = "cancelled from outside this session; its instances are destroyed"
-                        run.finished_at = time.monotonic()
-                        run.scope.cancel()
+                        self.cancel(run, "cancelled from outside this session; its instances are destroyed")
                         return
                 except VastMCPError as exc:
                     log.warning("run %s: reading the ledger failed: %s", run.id, exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import urllib.request
@@ -329,3 +330,42 @@ async def test_a_group_whose_session_ends_is_finished_by_the_supervisor(
         assert not alive(cluster_server) and _overlays(cluster_server) == []
     finally:
         await stop_supervisor(world)
+
+
+async def test_a_group_still_forming_when_its_session_ends_leaves_no_machine_and_no_overlay(
+    cluster_server: SimServer, tmp_path: Path
+) -> None:
+    project = _project(tmp_path, "print('never runs')\n")
+    (project / "data.bin").write_bytes(os.urandom(3 << 20))
+    # Slow links hold the run in its upload, after the overlay was made and before torchrun runs anywhere.
+    arm_fault(cluster_server, "next_instance", {"bandwidth_limit": 256 << 10, "count": 2})
+    settings = make_settings(cluster_server, tmp_path / "state")
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py"))
+        for _ in range(120):
+            view = await call(c, "run_status", {"run_id": started["run_id"], "wait_s": 1})
+            if view["phase"] == "uploading":
+                break
+        assert view["phase"] == "uploading" and _overlays(cluster_server), view
+    # The session is gone: its machines went with it, and so did the overlay the run had made.
+    assert not alive(cluster_server)
+    assert _overlays(cluster_server) == []
+
+
+async def test_destroying_a_group_run_takes_its_machines_and_its_overlay(
+    cluster_server: SimServer, tmp_path: Path
+) -> None:
+    project = _project(tmp_path, "import time\ntime.sleep(600)\n")
+    settings = make_settings(cluster_server, tmp_path / "state")
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as c:
+        started = await call(c, "run_job", _args(project, command="ddp/train.py"))
+        run_id = started["run_id"]
+        for _ in range(120):
+            view = await call(c, "run_status", {"run_id": run_id, "wait_s": 1})
+            if view["job_id"] and view["phase"] == "running":
+                break
+        assert view["job_id"], view
+        await call(c, "run_status", {"run_id": run_id, "action": "destroy"})
+        assert not alive(cluster_server) and _overlays(cluster_server) == []
+        final = await call(c, "run_status", {"run_id": run_id, "wait_s": 10})
+        assert final["status"] == "cancelled", final

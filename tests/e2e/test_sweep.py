@@ -1,5 +1,5 @@
 """`run_job(sweep=[...])`: several runs at once under one approval, each on its own machine with its own entry;
-and a sweep larger than the caps refused before anyone is asked."""
+a sweep larger than the caps refused before anyone is asked; and what a group or a sweep cannot combine with."""
 
 from __future__ import annotations
 
@@ -47,4 +47,25 @@ async def test_a_sweep_beyond_the_instance_cap_is_refused_before_anyone_is_asked
         result = await c.call_tool("run_job", args)
     assert result.is_error and not seen
     assert "VAST_MCP_MAX_INSTANCES=3" in result.content[0].text  # type: ignore[union-attr]
+    assert not sim_instances(cloud_server)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"nodes": 2, "offer": {"interruptible": True}}, "outbidding any one machine would stop the whole group"),
+        ({"nodes": 2, "options": {"keep_on_failure": True}}, "a multi-node run always destroys its nodes"),
+        ({"sweep": ENTRIES, "nodes": 2}, "A sweep runs each entry on one machine"),
+    ],
+    ids=["group-interruptible", "group-keep", "sweep-of-groups"],
+)
+async def test_what_a_group_or_a_sweep_cannot_do_is_refused_before_anyone_is_asked(
+    settings: Settings, cloud_server: SimServer, extra: dict[str, object], says: str
+) -> None:
+    seen: list[str] = []
+    args = {"command": "train.py", "max_runtime_hours": 1, "max_dph": 2.0, **extra}
+    async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept", seen=seen)) as c:
+        result = await c.call_tool("run_job", args)
+    assert result.is_error and not seen
+    assert says in result.content[0].text  # type: ignore[union-attr]
     assert not sim_instances(cloud_server)

@@ -125,11 +125,12 @@ class OverlayBook:
             overlay = next((o for o in self._overlays.values() if o.name == ident.get("overlay_name")), None)
         if overlay is None:
             raise SimError(404, "no_such_overlay", "Overlay not found.")
+        # Gone from the list first: a second delete while this one unplugs finds nothing (404), as on Vast.
+        del self._overlays[overlay.id]
         for instance_id in list(overlay.members):
             await self._unplug(overlay, instance_id)
         if self._real():
             await self._fabric.remove_bridge(overlay.id)
-        del self._overlays[overlay.id]
         return overlay
 
     async def forget(self, inst: SimInstance) -> None:

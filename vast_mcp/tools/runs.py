@@ -191,7 +191,8 @@ def register(mcp: MCPServer) -> None:
                 ge=1,
                 le=MAX_NODES,
                 description="Machines of one cluster for one torchrun job (command is its script); results from "
-                "rank 0, 'all-ranks:PATH' from every node.",
+                "rank 0, 'all-ranks:PATH' from every node. With options.checkpoint_dir (rank 0 saves) a lost node is "
+                "replaced.",
             ),
         ] = 1,
         sweep: Annotated[
@@ -271,6 +272,8 @@ def register(mcp: MCPServer) -> None:
                 return tool_result(listed, listed.summary())
             run = book.find(run_id)
             if action == "destroy":
+                if run is not None:  # stopped first, so it does not take its machines' end for a loss
+                    book.cancel(run, "cancelled on request; its instances are destroyed")
                 await cancel_run(service.client, service.ledger, book.store, run_id)
                 if run is not None:
                     with anyio.move_on_after(10):
