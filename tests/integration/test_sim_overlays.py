@@ -99,8 +99,14 @@ async def test_overlay_routes_refuse_what_vast_refuses(sim_cloud: SimCloud) -> N
                 "instances": [member],
             }
         ]
+        first = sim_cloud.overlays.address_of(member)
         await c.delete(f"/api/v0/instances/{member}/")
         assert (await c.get("/api/v0/overlay/")).json()[0]["instances"] == []
+        # A machine joining later never gets a departed member's address (peers may still have it cached).
+        later = await _create(c, offers[1], "")
+        assert (await c.put("/api/v0/overlay/", json={"name": "train", "instance_id": later})).status_code == 200
+        assert first is not None and sim_cloud.overlays.address_of(later) not in (None, first)
+        await c.delete(f"/api/v0/instances/{later}/")
         gone = await c.request("DELETE", "/api/v0/overlay/", json={"overlay_name": "train"})
         assert gone.status_code == 200 and (await c.get("/api/v0/overlay/")).json() == []
 

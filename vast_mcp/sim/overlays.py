@@ -33,6 +33,9 @@ class Overlay:
     subnet: ipaddress.IPv4Network
     members: dict[int, ipaddress.IPv4Interface] = field(default_factory=dict)  # instance id → its address
     nets: dict[int, Member] = field(default_factory=dict)  # instance id → its namespace (sshd backend)
+    # Every address ever given out: a machine that joins later never gets a departed member's address, which the
+    # other members' neighbour tables would still send to the departed machine's link for half a minute or more.
+    used: set[ipaddress.IPv4Address] = field(default_factory=set)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -106,14 +109,15 @@ class OverlayBook:
             return overlay
         if any(instance_id in o.members for o in self._overlays.values()):
             raise SimError(400, "invalid_args", f"Instance {instance_id} is already on another overlay.")
-        taken = {a.ip for a in overlay.members.values()}
-        free = [h for h in overlay.subnet.hosts() if h not in taken and h != overlay.subnet[1]]  # .1: the gateway
-        if not free:
+        free = (h for h in overlay.subnet.hosts() if h not in overlay.used and h != overlay.subnet[1])  # .1: gateway
+        host_ip = next(free, None)
+        if host_ip is None:
             raise SimError(400, "overlay_full", f"Overlay {overlay.name!r} has no free address left.")
-        address = ipaddress.IPv4Interface(f"{free[0]}/{overlay.subnet.prefixlen}")
+        address = ipaddress.IPv4Interface(f"{host_ip}/{overlay.subnet.prefixlen}")
         if self._real():
             overlay.nets[instance_id] = await self._plug(overlay, inst, address)
         overlay.members[instance_id] = address
+        overlay.used.add(host_ip)
         return overlay
 
     async def delete(self, ident: Mapping[str, Any]) -> Overlay:
