@@ -38,8 +38,8 @@ from mcp import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-from e2e_helpers import alive, answering, call, make_settings, sim_instances
-from machine_loss import admin
+from e2e_helpers import alive, answering, call, make_settings
+from machine_loss import Bench, admin
 
 from vast_mcp.server import build_server
 from vast_mcp.sim.hosts import select_backend, sshd_unavailable_reason
@@ -96,13 +96,15 @@ class Outcome:
     machines: int
 
 
-class Bench:
+class GroupBench(Bench):
+    """One scenario's cloud, client and group run (the log, the fetched checkpoint and a machine's true step are
+    read as for one machine)."""
+
     def __init__(self, server: SimServer, client: Client, root: Path) -> None:
-        self.server, self.client, self.root = server, client, root
-        self.run_id, self.cursor, self.log = "", 0, ""
+        super().__init__(server, client, root)
         self.started = 0.0
 
-    async def start(self, *, checkpoint: bool) -> None:
+    async def start_group(self, *, checkpoint: bool) -> None:
         project = self.root / "ddp"
         project.mkdir(exist_ok=True)
         (project / "train.py").write_text(JOB)
@@ -122,26 +124,6 @@ class Bench:
         self.started = time.monotonic()
         self.run_id = (await call(self.client, "run_job", args))["run_id"]
 
-    async def read(self, wait_s: float) -> dict[str, Any]:
-        view = await call(self.client, "run_status", {"run_id": self.run_id, "cursor": self.cursor, "wait_s": wait_s})
-        self.log += view["shown"].get("log", "")
-        self.cursor = view["next_cursor"]
-        return view
-
-    def step_on(self, instance_id: int) -> int:
-        """The group's true step, from rank 0's disk (every step is an all-reduce, so the ranks go in lockstep)."""
-        row = next(r for r in sim_instances(self.server) if r["id"] == instance_id)
-        try:
-            return int((Path(row["disk_dir"]) / "root" / "ckpt" / "step").read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def fetched(self) -> int:
-        try:
-            return int((self.root / "results" / ".vast-checkpoint" / "ckpt" / "step").read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
-
     def overlays(self) -> list[dict[str, Any]]:
         url = f"{self.server.url}/api/v0/overlay/"
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.server.api_key}"})
@@ -149,7 +131,7 @@ class Bench:
             rows: list[dict[str, Any]] = json.load(answer)
         return rows
 
-    async def strike(self, rank: int, *, fetched: bool) -> int:
+    async def kill_rank(self, rank: int, *, fetched: bool) -> int:
         """Once step `STRIKE_AT` was fetched (or, without a checkpoint folder, reached), wait part of an interval,
         then kill the host of `rank`; the group's step at that moment."""
         deadline = time.monotonic() + WAIT_S
@@ -162,16 +144,16 @@ class Bench:
                 raise RuntimeError(f"the group never started: {view['detail']}")
             await anyio.sleep(0.1)
         rank0 = int(tries[0]["instance_id"])
-        while (self.fetched() if fetched else self.step_on(rank0)) < STRIKE_AT:
+        while (self.fetched() if fetched else self.progress(rank0)) < STRIKE_AT:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"step {STRIKE_AT} never reached")
             await anyio.sleep(0.05)
         await anyio.sleep(STRIKE_AFTER * CHECKPOINT_EVERY_S)
-        step = self.step_on(rank0)
+        step = self.progress(rank0)
         admin(self.server, f"{tries[rank]['instance_id']}/fail")
         return step
 
-    async def finish(self, scenario: str, lost_at: int | None) -> Outcome:
+    async def finish_group(self, scenario: str, lost_at: int | None) -> Outcome:
         deadline = time.monotonic() + WAIT_S
         while True:
             view = await self.read(10)
@@ -201,22 +183,22 @@ class Bench:
         )
 
 
-async def uninterrupted(b: Bench) -> Outcome:
-    await b.start(checkpoint=True)
-    return await b.finish("uninterrupted (checkpoint)", None)
+async def uninterrupted(b: GroupBench) -> Outcome:
+    await b.start_group(checkpoint=True)
+    return await b.finish_group("uninterrupted (checkpoint)", None)
 
 
-def lose(rank: int, *, checkpoint: bool) -> Callable[[Bench], Awaitable[Outcome]]:
-    async def scenario(b: Bench) -> Outcome:
-        await b.start(checkpoint=checkpoint)
-        at = await b.strike(rank, fetched=checkpoint)
+def lose(rank: int, *, checkpoint: bool) -> Callable[[GroupBench], Awaitable[Outcome]]:
+    async def scenario(b: GroupBench) -> Outcome:
+        await b.start_group(checkpoint=checkpoint)
+        at = await b.kill_rank(rank, fetched=checkpoint)
         words = "checkpoint: the group recovers" if checkpoint else "no checkpoint: the run fails"
-        return await b.finish(f"rank {rank} host lost ({words})", at)
+        return await b.finish_group(f"rank {rank} host lost ({words})", at)
 
     return scenario
 
 
-SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
+SCENARIOS: dict[str, Callable[[GroupBench], Awaitable[Outcome]]] = {
     "uninterrupted": uninterrupted,
     "rank1_lost": lose(1, checkpoint=True),
     "rank0_lost": lose(0, checkpoint=True),
@@ -224,12 +206,12 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[Outcome]]] = {
 }
 
 
-async def run_one(scenario: Callable[[Bench], Awaitable[Outcome]], root: Path) -> Outcome:
+async def run_one(scenario: Callable[[GroupBench], Awaitable[Outcome]], root: Path) -> Outcome:
     cloud = SimCloud(backend=select_backend("sshd"), boot_delay=0.3, root_dir=root / "sim")
     with SimServer(cloud) as server:
         settings = dataclasses.replace(make_settings(server, root / "state"), checkpoint_every_s=CHECKPOINT_EVERY_S)
         async with Client(build_server(settings), mode="legacy", elicitation_callback=answering("accept")) as client:
-            return await scenario(Bench(server, client, root))
+            return await scenario(GroupBench(server, client, root))
 
 
 def table(outcomes: list[Outcome]) -> str:
