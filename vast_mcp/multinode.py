@@ -285,7 +285,7 @@ async def run_group(book: RunBook, run: Run) -> None:
             problem = await _train(book, run, group, resume=False, follow=True)
         else:
             await _rent(book, run, group)
-            problem = await _train(book, run, group, resume=False)
+            problem = await _train(book, run, group, resume=await _restore(book, run, group))
         while group.lost and spec.recovers:
             resume = await _recover(book, run, group)
             problem = await _train(book, run, group, resume=resume)
@@ -508,19 +508,17 @@ async def _train(book: RunBook, run: Run, group: Group, *, resume: bool, follow:
     master = group.nodes[0].address
     assert master is not None
     group.failure, group.lost = None, {}
-    started = (
-        "following torchrun again"
-        if follow
-        else "resuming torchrun from the checkpoint"
-        if resume
-        else ("starting torchrun")
-    )
+    if follow:
+        started = "following torchrun again"
+    else:
+        started = "resuming torchrun from the checkpoint" if resume else "starting torchrun"
+        for node in group.nodes:  # a new round: the jobs of an earlier one are over
+            node.job_id, node.exit_code, node.state = None, None, "running"
     run.touch("running", f"{started} on {len(group.nodes)} nodes (rendezvous {master}:{MASTER_PORT})")
     for node in [] if follow else group.nodes:
         nproc = max(1, _gpus(node.attempt.gpu))
         node_spec = dataclasses.replace(spec, command=node_command(spec, node.rank, master, nproc))
         env = {**spec.env, "GLOO_SOCKET_IFNAME": node.iface or "", "NCCL_SOCKET_IFNAME": node.iface or ""}
-        node.job_id, node.exit_code, node.state = None, None, "running"
         try:
             job = await service.start_job(
                 node.iid, node_spec.script(resume=resume), workdir=None, env=env, secrets=spec.secrets
@@ -673,11 +671,7 @@ async def _recover(book: RunBook, run: Run, group: Group) -> bool:
         attempt = group.nodes[rank].attempt
         attempt.outcome, attempt.reason = "lost", group.lost[rank]
         await book._destroy(run, attempt)  # a stopped machine still bills its disk
-    kept = (
-        f" The last checkpoint is in {run.mirror.local}."
-        if run.mirror is not None and run.mirror.has_checkpoint()
-        else ""
-    )
+    kept = run.resume_hint()
     if run.first_ends_at is not None and time.time() >= run.first_ends_at:
         raise GroupFailed(f"{why}. The run's approved max runtime is used up, so it stops here.{kept}")
     fresh = [await _replace(book, run, group, rank, kept) for rank in lost]
@@ -690,11 +684,17 @@ async def _recover(book: RunBook, run: Run, group: Group) -> bool:
     await _probe(book, run, group, fresh)
     if spec.uploads:
         await _upload(book, run, fresh)
-    if run.mirror is None:
-        return False
+    return await _restore(book, run, group)
+
+
+async def _restore(book: RunBook, run: Run, group: Group) -> bool:
+    """Put the last checkpoint (after a loss, or one an earlier run left in the same results folder) on every node;
+    whether there is one to resume from."""
     mirror = run.mirror
-    run.touch("uploading", f"putting the last checkpoint on all {len(group.nodes)} nodes")
-    folder = remote_path_word(spec.remote_checkpoint())
+    if mirror is None or not await anyio.to_thread.run_sync(mirror.has_checkpoint):
+        return False
+    run.touch("uploading", f"putting the last checkpoint ({mirror.local}) on all {len(group.nodes)} nodes")
+    folder = remote_path_word(run.spec.remote_checkpoint())
 
     async def restore(node: _Node) -> None:
         # Whatever a surviving node wrote after the fetched checkpoint goes: every rank resumes from one step.
@@ -702,8 +702,8 @@ async def _recover(book: RunBook, run: Run, group: Group) -> bool:
         await host.check(f"rm -rf {folder}", time_limit=PROBE_S)
         await mirror.restore(book.service, node.iid)
 
-    await _each(group.nodes, "Restoring the checkpoint on", restore)
-    return mirror.has_checkpoint()
+    await _each(group.nodes, "Putting the checkpoint on", restore)
+    return True
 
 
 async def _replace(book: RunBook, run: Run, group: Group, rank: int, kept: str) -> _Node:
@@ -717,8 +717,7 @@ async def _replace(book: RunBook, run: Run, group: Group, rank: int, kept: str) 
         if len(run.tries) >= allowed:
             raise GroupFailed(
                 f"Node {rank}'s machine was lost and the run has used all {spec.max_tries - 1} replacement "
-                f"machine(s) its approval allows.{kept} Call run_job again to go on (with the same checkpoint_dir "
-                "the job resumes from it)."
+                f"machine(s) its approval allows.{kept}"
             )
         busy = {t.machine_id for t in run.tries}
         tried = {t.offer_id for t in run.tries}
@@ -731,8 +730,7 @@ async def _replace(book: RunBook, run: Run, group: Group, rank: int, kept: str) 
         if grant is None:
             raise GroupFailed(
                 f"Node {rank}'s machine was lost and cluster {group.cluster_id} has no other free machine within the "
-                f"approved ${run.grant.ceiling_dph:.3f}/hr.{kept} Call run_job again to go on on another cluster "
-                "(with the same checkpoint_dir the job resumes from it)."
+                f"approved ${run.grant.ceiling_dph:.3f}/hr.{kept}"
             )
         quote = grant.quote
         attempt = _Try.of(len(run.tries) + 1, quote)

@@ -414,6 +414,16 @@ class Run:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def resume_hint(self) -> str:
+        """How to go on after the run stopped with a checkpoint kept: another run from the same folders resumes."""
+        mirror = self.mirror
+        if mirror is None or not mirror.has_checkpoint():
+            return ""
+        return (
+            f" The last checkpoint is in {mirror.local}: call run_job again with the same checkpoint_dir and "
+            f"options.local_results_dir={str(mirror.local_root.parent)!r}, and the job resumes from it."
+        )
+
     def note(self, detail: str) -> None:
         self.touch(detail=detail)
 
@@ -976,32 +986,25 @@ class RunBook:
         lost mid-job is replaced within the approval when the run recovers (`RunSpec.recovers`): the next one
         gets the uploads and the last checkpoint, and the job starts again told to resume."""
         service, spec = self.service, run.spec
-        # A run taken over from the ledger follows the job its gone session started, instead of starting it again.
-        problem = await self._attempt(run, current, resume=False, follow=run.job_id if run.resumed else None)
+        if run.resumed:
+            # Taken over from the ledger: follow the job its gone session started, instead of starting it again.
+            problem = await self._attempt(run, current, resume=False, follow=run.job_id)
+        else:
+            problem = await self._attempt(run, current, resume=await self._restore(run, current))
         while run.machine_lost and spec.recovers:
             current.outcome, current.reason = "lost", problem
             await self._destroy(run, current)  # a stopped bid instance still bills its disk
             if len(run.tries) >= spec.max_tries:
-                kept = f" The last checkpoint is in {run.mirror.local}." if run.mirror is not None else ""
-                raise _RunFailed(
-                    f"{problem} The run has used all {spec.max_tries} machine(s) its approval allows.{kept} Call "
-                    "run_job again to go on (with the same checkpoint_dir the job resumes from it)."
-                )
+                used = f"The run has used all {spec.max_tries} machine(s) its approval allows."
+                raise _RunFailed(f"{problem} {used}{run.resume_hint()}")
             if run.first_ends_at is not None and time.time() >= run.first_ends_at:
-                raise _RunFailed(f"{problem} The run's approved max runtime is used up, so it stops here.")
+                spent = "The run's approved max runtime is used up, so it stops here."
+                raise _RunFailed(f"{problem} {spent}{run.resume_hint()}")
             run.recoveries += 1
             run.recovering = True
             run.touch("renting", f"machine lost ({problem}); renting another to resume on")
             current = await self._rent(run)
-            assert current.instance_id is not None
-            resume = False
-            if run.mirror is not None:
-                run.touch("uploading", "restoring the last checkpoint")
-                try:
-                    with anyio.fail_after(TRANSFER_BOUND_S):
-                        resume = await run.mirror.restore(service, current.instance_id) > 0
-                except (VastMCPError, TimeoutError) as exc:
-                    raise _RunFailed(f"The checkpoint could not be restored onto the new machine: {exc}") from None
+            resume = await self._restore(run, current)
             run.recovering = False
             problem = await self._attempt(run, current, resume=resume)
         assert current.instance_id is not None
@@ -1049,6 +1052,20 @@ class RunBook:
             missing=missing,
             refused=refused,
         )
+
+    async def _restore(self, run: Run, current: _Try) -> bool:
+        """Put the run's last checkpoint on the machine (one an earlier run left in the same results folder, on the
+        first); whether there was one to resume from."""
+        mirror = run.mirror
+        assert current.instance_id is not None
+        if mirror is None or not await anyio.to_thread.run_sync(mirror.has_checkpoint):
+            return False
+        run.touch("uploading", f"putting the last checkpoint ({mirror.local}) on the machine")
+        try:
+            with anyio.fail_after(TRANSFER_BOUND_S):
+                return await mirror.restore(self.service, current.instance_id) > 0
+        except (VastMCPError, TimeoutError) as exc:
+            raise _RunFailed(f"The checkpoint could not be put on the machine: {exc or 'no progress'}") from None
 
     async def _attempt(self, run: Run, current: _Try, *, resume: bool, follow: str | None = None) -> str | None:
         """Start the job on `current` (or, given `follow`, go on following that job already running there) and

@@ -5,16 +5,20 @@ The simulated cloud's admin view and overlay list are the judges of what is left
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from durable_scenarios import RESULT, Durable, client_killed, server_killed, stop_supervisor
 from e2e_helpers import alive, answering, arm_fault, call, make_settings, sim_instances
@@ -369,3 +373,44 @@ async def test_destroying_a_group_run_takes_its_machines_and_its_overlay(
         assert not alive(cluster_server) and _overlays(cluster_server) == []
         final = await call(c, "run_status", {"run_id": run_id, "wait_s": 10})
         assert final["status"] == "cancelled", final
+
+
+async def test_a_group_left_by_everyone_is_formed_anew_from_its_checkpoint(
+    cluster_server: SimServer, tmp_path: Path
+) -> None:
+    """Server and supervisor SIGKILLed mid-job: each node's watchdog destroys it once heartbeats stop (nothing
+    bills); the next server start brings a supervisor back, which rents the group anew on the cluster and resumes
+    from the checkpoint it had fetched."""
+    project = _project(tmp_path, RESUMABLE)
+    world = Durable(Run(tmp_path, "everyone-gone", cluster_server))
+    args = _args(
+        project, command="ddp/train.py", results=["out"], offer=SPARE_CLUSTER, options={"checkpoint_dir": "ckpt"}
+    )
+    try:
+        with contextlib.suppress(Exception):  # the client sees its server vanish
+            async with world.stdio(VAST_MCP_CHECKPOINT_EVERY_S="1") as client:
+                run_id = await world.start(client, **args)
+                await until_mirrored(tmp_path, 4)  # both ranks now wait at step 4
+                assert world.supervisor_pid() is not None, "no supervisor started"
+                os.kill(world.supervisor_pid() or 0, signal.SIGKILL)
+                os.kill(world.run.server_pid(), signal.SIGKILL)
+        first = [r["id"] for r in sim_instances(cluster_server)]
+        assert len(first) == 2
+        deadline = time.monotonic() + 120
+        while alive(cluster_server):
+            assert time.monotonic() < deadline, "the nodes' watchdogs never destroyed them"
+            await anyio.sleep(0.5)
+        async with world.stdio(VAST_MCP_CHECKPOINT_EVERY_S="1"):
+            assert await world.until_state(run_id, ("succeeded", "failed", "cancelled"), within=180) == "succeeded"
+        rec = await world.record(run_id)
+        assert rec is not None and rec.receipt is not None
+        assert (world.results / "out" / "result.txt").read_text() == f"done {STEPS}\n"
+        log = str(rec.receipt["log_tail"])
+        for rank in (0, 1):
+            assert re.findall(rf"^\[rank {rank}\] rank={rank} resumed from step (\d+)$", log, re.M) == ["4"], log
+        machines = rec.receipt["machines"]
+        assert [m["outcome"] for m in machines] == ["lost", "lost", "used", "used"], machines
+        assert [m["instance_id"] for m in machines[:2]] == first
+        assert not alive(cluster_server) and _overlays(cluster_server) == []
+    finally:
+        await stop_supervisor(world)

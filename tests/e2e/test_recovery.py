@@ -231,7 +231,7 @@ async def test_a_job_that_fails_by_itself_is_not_restarted(
     assert final["receipt"]["recoveries"] == 0
 
 
-async def test_a_run_out_of_machines_stops_and_keeps_its_checkpoint(
+async def test_a_run_out_of_machines_keeps_its_checkpoint_for_the_next_run_to_resume_from(
     settings: Settings, cloud_server: SimServer, tmp_path: Path
 ) -> None:
     async with Client(build_server(fast(settings)), elicitation_callback=answering("accept")) as c:
@@ -247,6 +247,15 @@ async def test_a_run_out_of_machines_stops_and_keeps_its_checkpoint(
     [lost] = receipt["machines"]
     assert lost["outcome"] == "lost" and lost["destroyed"]
     assert mirrored_step(tmp_path) == 2 and receipt["checkpoint_dir"] is not None
+    # What the error says to do: another run with the same folders resumes where this one stopped.
+    assert f"options.local_results_dir={str(tmp_path / 'results')!r}" in receipt["error"], receipt["error"]
+    async with Client(build_server(fast(settings)), elicitation_callback=answering("accept")) as c:
+        again = await call(c, "run_job", job_args(tmp_path, ""))
+        final, log = await Follower(c, again["run_id"]).finish()
+    assert final["status"] == "succeeded", final
+    assert re.findall(r"resumed from step (\d+)", log) == ["2"], log
+    assert after_last_resume(log) == [f"step {i}" for i in range(3, STEPS + 1)]
+    assert (tmp_path / "results" / "out" / "result.txt").read_text() == f"done {STEPS}\n"
 
 
 async def test_the_mirror_follows_nested_changed_and_deleted_files(
