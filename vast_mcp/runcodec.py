@@ -31,7 +31,7 @@ def spec_data(spec: RunSpec) -> dict[str, Any]:
         "command": spec.command,
         "image": spec.image,
         "template_hash": spec.template_hash,
-        "filters": spec.filters.model_dump(mode="json"),
+        "filters": spec.filters.model_dump(mode="json", exclude_unset=True),  # what was set: defaults stay defaults
         "query": spec.query,
         "disk_gb": spec.disk_gb,
         "max_runtime_h": spec.max_runtime_h,

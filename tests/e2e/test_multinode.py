@@ -202,8 +202,10 @@ async def test_a_node_that_never_boots_fails_the_run_before_any_job(cluster_serv
 
 
 STEPS = 8
-# The simulated catalog's cluster with a third machine of this kind, for the replacement.
+# The simulated catalog's cluster with a third machine of this kind, for the replacement; with its unverified
+# fourth machine, two replacements.
 SPARE_CLUSTER = {"gpu_name": "RTX 4090", "num_gpus": 1, "min_reliability": 0.9}
+FOUR_MACHINES = {**SPARE_CLUSTER, "min_reliability": 0.85, "query": "verified=any"}
 # Every step is an all-reduce across the group; rank 0 checkpoints after each. On its first start the job waits at
 # step 4, so the test knows exactly how far the group got when it loses a machine, whatever the machine's load.
 RESUMABLE = f"""\
@@ -384,7 +386,7 @@ async def test_a_group_left_by_everyone_is_formed_anew_from_its_checkpoint(
     project = _project(tmp_path, RESUMABLE)
     world = Durable(Run(tmp_path, "everyone-gone", cluster_server))
     args = _args(
-        project, command="ddp/train.py", results=["out"], offer=SPARE_CLUSTER, options={"checkpoint_dir": "ckpt"}
+        project, command="ddp/train.py", results=["out"], offer=FOUR_MACHINES, options={"checkpoint_dir": "ckpt"}
     )
     try:
         with contextlib.suppress(Exception):  # the client sees its server vanish
@@ -401,9 +403,10 @@ async def test_a_group_left_by_everyone_is_formed_anew_from_its_checkpoint(
             assert time.monotonic() < deadline, "the nodes' watchdogs never destroyed them"
             await anyio.sleep(0.5)
         async with world.stdio(VAST_MCP_CHECKPOINT_EVERY_S="1"):
-            assert await world.until_state(run_id, ("succeeded", "failed", "cancelled"), within=180) == "succeeded"
+            ended = await world.until_state(run_id, ("succeeded", "failed", "cancelled"), within=180)
         rec = await world.record(run_id)
         assert rec is not None and rec.receipt is not None
+        assert ended == "succeeded", [(m["offer_id"], m["outcome"], m["reason"]) for m in rec.receipt["machines"]]
         assert (world.results / "out" / "result.txt").read_text() == f"done {STEPS}\n"
         log = str(rec.receipt["log_tail"])
         for rank in (0, 1):

@@ -102,7 +102,7 @@ async def test_a_stored_run_keeps_its_recovery_terms_and_lost_machines(tmp_path:
     from vast_mcp.config import Secret, Settings
     from vast_mcp.runcodec import quote_of, spec_data, spec_of, stored_view
     from vast_mcp.service import Service
-    from vast_mcp.vast.query import OfferFilters
+    from vast_mcp.vast.query import OfferFilters, build_offer_query
     from vast_mcp.workflow import RunSpec
 
     spec = RunSpec(
@@ -121,6 +121,12 @@ async def test_a_stored_run_keeps_its_recovery_terms_and_lost_machines(tmp_path:
         nodes=2,
     )
     back = spec_of(spec_data(spec))
+    # A taken-over run searches for machines as the original did: a default left unset stays a default (else the
+    # stored `verified=True` would undo the query's `verified=any`).
+    wide = dataclasses.replace(spec, query="verified=any", filters=OfferFilters(gpu_name="RTX 4090", max_dph=1.0))
+    again = spec_of(spec_data(wide))
+    assert build_offer_query(again.query, filters=again.filters) == build_offer_query(wide.query, filters=wide.filters)
+    assert "verified" not in build_offer_query(again.query, filters=again.filters)
     assert (back.checkpoint_dir, back.checkpoint_every_s, back.interruptible, back.bid_margin, back.nodes) == (
         "ckpt",
         5.0,
