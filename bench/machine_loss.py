@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from mcp import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-from e2e_helpers import alive, answering, call, make_settings, sim_instances
+from e2e_helpers import admin, alive, answering, call, make_settings, sim_instances
 
 from vast_mcp.server import build_server
 from vast_mcp.sim.hosts import select_backend
@@ -175,14 +173,6 @@ class Bench:
             machines=len(receipt.get("machines") or []),
             note=note.strip(),
         )
-
-
-def admin(server: SimServer, path: str) -> None:
-    request = urllib.request.Request(
-        f"{server.url}/_sim/instances/{path}", data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        json.load(answer)
 
 
 # --- scenarios: each rents, (maybe) breaks machines, and reports ----------------------------------------------

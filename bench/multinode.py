@@ -38,8 +38,8 @@ from mcp import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-from e2e_helpers import alive, answering, call, make_settings
-from machine_loss import Bench, admin
+from e2e_helpers import admin, alive, answering, call, make_settings
+from machine_loss import Bench
 
 from vast_mcp.server import build_server
 from vast_mcp.sim.hosts import select_backend, sshd_unavailable_reason

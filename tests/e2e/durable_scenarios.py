@@ -13,6 +13,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -99,6 +101,14 @@ class Durable:
                 await anyio.sleep(2)  # a few seconds into the job
                 return
         raise AssertionError(f"the job of run {run_id} never started")
+
+    async def runs_cli(self, *args: str, bound_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """`vast-mcp runs ARGS` on this world's state directory, as a user types it."""
+        command = [sys.executable, "-m", "vast_mcp", "runs", *args]
+        env = self.run.env(**self.env())
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(command, env=env, capture_output=True, text=True, timeout=bound_s)
+        )
 
     async def record(self, run_id: str) -> RunRecord | None:
         async with await Ledger.open(ledger_path(self.state)) as ledger:

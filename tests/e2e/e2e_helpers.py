@@ -86,13 +86,23 @@ async def call(client: Client, tool: str, args: dict[str, Any], **kw: Any) -> di
     return {**result.structured_content, "shown": read_blocks(text(result))}
 
 
-def arm_fault(server: SimServer, route: str, fault: dict[str, Any]) -> None:
-    """Arm a simulated-cloud fault through its admin route (`next_instance` or `route`)."""
+def sim_post(server: SimServer, path: str, body: dict[str, Any] | None = None) -> None:
+    """POST to one of the simulated cloud's admin routes (`/_sim/<path>`); it must answer success."""
     request = urllib.request.Request(
-        f"{server.url}/_sim/faults/{route}",
-        data=json.dumps(fault).encode(),
+        f"{server.url}/_sim/{path}",
+        data=json.dumps(body or {}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert json.load(answer)["success"]
+
+
+def arm_fault(server: SimServer, route: str, fault: dict[str, Any]) -> None:
+    """Arm a simulated-cloud fault through its admin route (`next_instance` or `route`)."""
+    sim_post(server, f"faults/{route}", fault)
+
+
+def admin(server: SimServer, path: str, body: dict[str, Any] | None = None) -> None:
+    """Act on a simulated instance as its host or the market would: `<id>/fail`, `<id>/outbid`."""
+    sim_post(server, f"instances/{path}", body)

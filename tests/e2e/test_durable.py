@@ -9,11 +9,8 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import anyio
 import pytest
 from durable_scenarios import (
     JOB_S,
@@ -77,40 +74,16 @@ async def test_cancel_from_the_command_line_destroys_at_once(tmp_path: Path) -> 
             async with world.stdio() as client:
                 run_id = await world.start(client, seconds=600)
                 await world.until_job_runs(client, run_id)
-                done = await anyio.to_thread.run_sync(
-                    lambda: subprocess.run(
-                        [sys.executable, "-m", "vast_mcp", "runs", "cancel", run_id],
-                        env=world.run.env(**world.env()),
-                        capture_output=True,
-                        text=True,
-                        timeout=120,
-                    )
-                )
+                done = await world.runs_cli("cancel", run_id, bound_s=120)
                 assert done.returncode == 0, done.stderr
                 assert "1 destroyed" in done.stdout, done.stdout
                 assert [r["destroyed"] for r in await world.sim_rows()] == [True]
                 view = await world.run.data(client, "run_status", {"run_id": run_id, "wait_s": 10})
                 assert view["status"] == "cancelled", view
             assert await world.until_state(run_id, ("cancelled",), within=5) == "cancelled"
-            listed = await anyio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [sys.executable, "-m", "vast_mcp", "runs"],
-                    env=world.run.env(**world.env()),
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-            )
+            listed = await world.runs_cli(bound_s=60)
             assert run_id in listed.stdout and "cancelled" in listed.stdout, listed.stdout
-            shown = await anyio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [sys.executable, "-m", "vast_mcp", "runs", "show", run_id],
-                    env=world.run.env(**world.env()),
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-            )
+            shown = await world.runs_cli("show", run_id, bound_s=60)
             assert f"run {run_id}: cancelled" in shown.stdout and "machine 1:" in shown.stdout, shown.stdout
             assert "destroyed" in shown.stdout.split("machine 1:")[1], shown.stdout
         finally:
@@ -145,15 +118,7 @@ async def test_results_waiting_on_a_stopped_instance_are_fetched_from_the_comman
                 assert await world.until_state(run_id, ("waiting",)) == "waiting"
                 view = await world.run.data(client, "run_status", {"run_id": run_id, "wait_s": 0})
                 assert view["status"] == "waiting" and "/day" in view["message"], view
-            done = await anyio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    [sys.executable, "-m", "vast_mcp", "runs", "fetch", run_id],
-                    env=world.run.env(**world.env()),
-                    capture_output=True,
-                    text=True,
-                    timeout=180,
-                )
-            )
+            done = await world.runs_cli("fetch", run_id, bound_s=180)
             assert done.returncode == 0, done.stdout + done.stderr
             assert RESULT in (world.results / "out" / "model.txt").read_text()
             assert [r["destroyed"] for r in await world.sim_rows() if r["id"] == iid] == [True]

@@ -21,10 +21,10 @@ from typing import Any
 import anyio
 import pytest
 from durable_scenarios import RESULT, Durable, client_killed, server_killed, stop_supervisor
-from e2e_helpers import alive, answering, arm_fault, call, make_settings, sim_instances
+from e2e_helpers import admin, alive, answering, arm_fault, call, make_settings, sim_instances
 from mcp import Client
 from reliability_scenarios import Run
-from test_recovery import Follower, admin, machine_of, until_mirrored
+from test_recovery import Follower, machine_of, until_mirrored
 from test_run_job import follow
 
 from vast_mcp.consent import Caps

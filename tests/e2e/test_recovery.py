@@ -5,16 +5,14 @@ hosts; the job's own output says which step it resumed from, and the cloud's adm
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from e2e_helpers import alive, answering, call, sim_instances
+from e2e_helpers import admin, alive, answering, call, sim_instances
 from mcp import Client
 
 from vast_mcp.config import Settings
@@ -63,17 +61,6 @@ def job_args(tmp_path: Path, stall: str, **extra: Any) -> dict[str, Any]:
 
 def fast(settings: Settings) -> Settings:
     return dataclasses.replace(settings, checkpoint_every_s=CHECKPOINT_EVERY_S)
-
-
-def admin(server: SimServer, path: str, body: dict[str, Any] | None = None) -> None:
-    request = urllib.request.Request(
-        f"{server.url}/_sim/instances/{path}",
-        data=json.dumps(body or {}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert json.load(answer)["success"]
 
 
 def mirrored_step(tmp_path: Path) -> int:
