@@ -55,4 +55,6 @@ fi
 .venv/bin/ruff check vast_mcp tests bench
 .venv/bin/ruff format --check vast_mcp tests bench
 .venv/bin/mypy vast_mcp
-.venv/bin/pytest "$@"
+# The test files run side by side (each file on one worker, so its module fixtures are built once): most tests
+# wait on SSH, processes and the simulated cloud rather than compute. VAST_MCP_TEST_WORKERS=0 runs them one by one.
+.venv/bin/pytest -n "${VAST_MCP_TEST_WORKERS:-3}" --dist loadfile "$@"
