@@ -57,4 +57,4 @@ fi
 .venv/bin/mypy vast_mcp
 # The test files run side by side (each file on one worker, so its module fixtures are built once): most tests
 # wait on SSH, processes and the simulated cloud rather than compute. VAST_MCP_TEST_WORKERS=0 runs them one by one.
-.venv/bin/pytest -n "${VAST_MCP_TEST_WORKERS:-3}" --dist loadfile "$@"
+.venv/bin/pytest -n "${VAST_MCP_TEST_WORKERS:-2}" --dist loadfile "$@"

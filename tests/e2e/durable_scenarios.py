@@ -140,7 +140,7 @@ class Durable:
         out.results_landed = (self.results / "out" / "model.txt").exists() and RESULT in (
             self.results / "out" / "model.txt"
         ).read_text()
-        out.run_state = await self.until_state(run_id, ("succeeded", "failed", "cancelled"), within=5)
+        out.run_state = await self.until_state(run_id, ("succeeded", "failed", "cancelled"), within=30)
         rows = await self.sim_rows()
         out.instances_left = sum(1 for r in rows if not r["destroyed"])
         rec = await self.record(run_id)

@@ -652,14 +652,15 @@ async def never_boots(run: Run) -> float | None:
 
 async def exits_after_boot(run: Run) -> float | None:
     async with run.in_process() as client:
-        await run.next_instance_faults(exit_after=1)
+        # Long enough after boot for wait_ready's SSH login on a busy machine, so the exit comes after it.
+        await run.next_instance_faults(exit_after=3)
         iid = await run.rent(client)
         await run.ready(client, iid)
-        await anyio.sleep(2.5)
+        await anyio.sleep(4.5)
         result = await run.call(client, "run_command", {"instance_id": iid, "command": "true"}, ok=False)
         text = result_text(result)
         run.expect(result.is_error and "exited" in text and "Destroy" in text, f"a clear error ({text})")
-        run.note(f"exited 1 s after boot; run_command: {text[:80]}…")
+        run.note(f"exited 3 s after boot; run_command: {text[:80]}…")
         t0 = time.monotonic()
     cleanup = await run.settle(t0)
     run.note("destroyed at session end")

@@ -332,7 +332,7 @@ async def test_slow_host_still_delivers_every_byte(
 async def test_exit_after_ends_every_process(
     make_host: Callable[..., tuple[Host, HostSpec]], client_key: asyncssh.SSHKey
 ) -> None:
-    host, _ = make_host(faults=HostFaults(exit_after=1.0))
+    host, _ = make_host(faults=HostFaults(exit_after=4.0))  # time for an SSH login first on a busy machine
     await host.start()
     async with connect(host.ssh_port, client_key) as conn:
         await run(conn, "nohup sleep 1000 > /dev/null 2>&1 &")
